@@ -1,0 +1,23 @@
+"""Compiler flags shared by setup.py (ahead-of-time build) and the first-use compile.
+
+Kept free of imports from the package so setup.py can load this file on its own.
+"""
+
+import os
+
+
+def cxx_flags() -> list[str]:
+    # -fopenmp: at::parallel_for is header code that only runs threads when compiled with OpenMP.
+    return ["-O3", "-fopenmp"]
+
+
+def nvcc_flags() -> list[str]:
+    return ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+
+
+def ldflags() -> list[str]:
+    return ["-fopenmp"]
+
+
+def env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

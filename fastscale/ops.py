@@ -1,0 +1,96 @@
+"""fastscale's op layer: schemas, fake kernels and default (pure-torch) kernels.
+
+The schemas are declared once, here. The pure-torch twins in :mod:`fastscale.reference`
+are registered as ``CompositeExplicitAutograd`` kernels, so every device works; the C++
+extension registers only its ``CPU`` and ``CUDA`` kernels (``TORCH_LIBRARY_IMPL``), which
+the dispatcher prefers when loaded. Callers go through :func:`resolve`, the one place that
+decides which implementation runs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from . import _extension, reference
+
+_lib = torch.library.Library("fastscale", "DEF")
+
+# Mutated lists are Tensor(a!)[]; scalars that change every step (lr, grad_scale, found_inf)
+# are tensors so that neither the host nor torch.compile specialises on their values.
+_lib.define(
+    "fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
+    "Tensor lr, float weight_decay, float momentum, float dampening, bool nesterov, "
+    "bool maximize, bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor"
+)
+_lib.define(
+    "accumulate_grad_(Tensor(a!)[] accumulators, Tensor(b!)[] grads, *, float scale, "
+    "bool first, bool zero_grads) -> Tensor"
+)
+
+_lib.impl("fused_sgd_", reference.fused_sgd_, "CompositeExplicitAutograd")
+_lib.impl("accumulate_grad_", reference.accumulate_grad_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastscale::fused_sgd_")
+def _fused_sgd_fake(params, grads, momentum_buffers, *, lr, **_):
+    device = params[0].device if params else lr.device
+    return torch.empty(len(params), dtype=torch.float32, device=device)
+
+
+@torch.library.register_fake("fastscale::accumulate_grad_")
+def _accumulate_grad_fake(accumulators, grads, **_):
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.empty(len(grads), dtype=torch.float32, device=device)
+
+
+def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> Tensor:
+    """``torch.ops.fastscale.fused_sgd_``; see :func:`fastscale.reference.fused_sgd_`."""
+    return torch.ops.fastscale.fused_sgd_(params, grads, momentum_buffers, **kwargs)
+
+
+def accumulate_grad_(accumulators, grads, **kwargs) -> Tensor:
+    """``torch.ops.fastscale.accumulate_grad_``; see :func:`fastscale.reference.accumulate_grad_`."""
+    return torch.ops.fastscale.accumulate_grad_(accumulators, grads, **kwargs)
+
+
+IMPLS = ("auto", "native", "torch")
+_DISPATCHED = SimpleNamespace(fused_sgd_=fused_sgd_, accumulate_grad_=accumulate_grad_)
+_PURE_TORCH = SimpleNamespace(
+    fused_sgd_=reference.fused_sgd_, accumulate_grad_=reference.accumulate_grad_
+)
+_warned: set[str] = set()
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def resolve(impl: str, device_type: str) -> SimpleNamespace:
+    """The ops to call for tensors on ``device_type`` under ``impl``.
+
+    ``"torch"``: the pure-torch twins, always. ``"native"``: the dispatched ops, and an error
+    if no compiled kernel exists for the device. ``"auto"``: the dispatched ops; the dispatcher
+    runs the compiled kernel when there is one and the pure-torch twin otherwise, and this
+    warns once per device type when the compiled kernel is missing.
+    """
+    check_impl(impl)
+    if impl == "torch":
+        return _PURE_TORCH
+    compiled = _extension.native_device_types()
+    if device_type not in compiled:
+        why = _extension.unavailable_reason(device_type)
+        if impl == "native":
+            raise RuntimeError(f"impl='native' but fastscale has no compiled kernel for {device_type}: {why}")
+        if device_type not in _warned:
+            _warned.add(device_type)
+            warnings.warn(
+                f"fastscale: no compiled kernel for {device_type} ({why}); using the pure-torch path",
+                stacklevel=3,
+            )
+    return _DISPATCHED

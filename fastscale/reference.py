@@ -1,0 +1,139 @@
+"""Pure-torch implementations of fastscale's ops: the fallback path and the test oracle.
+
+Each function here computes exactly what its compiled twin in ``csrc/`` computes, with the
+same signature as the op schema in :mod:`fastscale.ops`. They are registered as the ops'
+default kernels, so every device without a compiled kernel runs them.
+
+Reduced-precision tensors (fp16, bf16) are computed in fp32 and rounded once when stored;
+squared norms are always returned in fp32 (accumulated in fp64 for fp64 tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_copies(tensors: list[Tensor]) -> list[Tensor]:
+    """Fresh tensors in the compute dtype (fp32 for fp16/bf16), never aliasing the inputs."""
+    return [t.float() if t.dtype in _LOW_PRECISION else t.clone() for t in tensors]
+
+
+def _compute_views(tensors: list[Tensor]) -> list[Tensor]:
+    """The inputs in the compute dtype; aliases the inputs where no cast is needed."""
+    return [t.float() if t.dtype in _LOW_PRECISION else t for t in tensors]
+
+
+def squared_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """fp32 vector of sum(t**2) for each tensor (0 for empty tensors)."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    # fp64 tensors reduce in fp64; everything else in fp32.
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    return torch.stack(norms).square().to(torch.float32)
+
+
+def _store(dst: list[Tensor], new: list[Tensor], skip: Tensor | None) -> None:
+    """dst <- new, or dst unchanged where the 0-dim flag ``skip`` is set (no host sync)."""
+    if skip is None:
+        torch._foreach_copy_(dst, new)
+        return
+    skip = skip.to(torch.bool)
+    for d, n in zip(dst, new):
+        d.copy_(torch.where(skip, d, n.to(d.dtype)))
+
+
+def fused_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor:
+    r"""One SGD step over a list of same-device, same-dtype tensors, returning |g|² per tensor.
+
+    For each parameter p with gradient g and momentum buffer b (torch.optim.SGD's math)::
+
+        g  <- g / grad_scale                       (when grad_scale is given: AMP unscale)
+        n  <- sum(g²)                              (returned; before maximize and weight decay)
+        g  <- -g                                   (maximize)
+        g  <- g + weight_decay · p
+        b  <- g                  if is_first_step  (momentum != 0; torch: first buffer is g, undampened)
+        b  <- momentum · b + (1 - dampening) · g   otherwise
+        g  <- g + momentum · b   if nesterov else b
+        p  <- p - lr · g
+
+    ``lr`` is a 0-dim tensor on the parameters' device. When ``found_inf`` (0-dim) is non-zero
+    nothing is written: parameters and buffers keep their values; the norms are still returned.
+    ``momentum_buffers`` is empty when ``momentum == 0``. Gradients are never modified.
+    """
+    device = params[0].device if params else lr.device
+    if not params:
+        return squared_norms([], device)
+    g = _compute_copies(grads)
+    if grad_scale is not None:
+        torch._foreach_div_(g, grad_scale.to(device=device, dtype=g[0].dtype))
+    norms = squared_norms(g, device)
+    if maximize:
+        torch._foreach_neg_(g)
+    p = _compute_views(params)
+    if weight_decay != 0:
+        torch._foreach_add_(g, p, alpha=weight_decay)
+    if momentum != 0:
+        if is_first_step:
+            b = [x.clone() for x in g]
+        else:
+            b = _compute_copies(momentum_buffers)
+            torch._foreach_mul_(b, momentum)
+            torch._foreach_add_(b, g, alpha=1 - dampening)
+        if nesterov:
+            torch._foreach_add_(g, b, alpha=momentum)
+        else:
+            g = b
+        _store(momentum_buffers, b, found_inf)
+    step = torch._foreach_mul(g, lr.to(dtype=g[0].dtype))
+    _store(params, torch._foreach_sub(p, step), found_inf)
+    return norms
+
+
+def accumulate_grad_(
+    accumulators: list[Tensor],
+    grads: list[Tensor],
+    *,
+    scale: float,
+    first: bool,
+    zero_grads: bool,
+) -> Tensor:
+    r"""Add one micro-batch's gradients into accumulators, returning |g|² per tensor.
+
+    For each accumulator a and gradient g::
+
+        n <- sum(g²)                         (returned; of g as given, before scaling)
+        a <- scale · g          if first     (a is not read: no separate clearing pass)
+        a <- a + scale · g      otherwise
+        g <- 0                  if zero_grads
+    """
+    device = grads[0].device if grads else torch.device("cpu")
+    norms = squared_norms(_compute_views(grads), device)
+    if grads:
+        if first:
+            torch._foreach_copy_(accumulators, torch._foreach_mul(_compute_views(grads), scale))
+        else:
+            a = _compute_views(accumulators)
+            torch._foreach_add_(a, _compute_views(grads), alpha=scale)
+            if a[0] is not accumulators[0]:
+                torch._foreach_copy_(accumulators, a)
+        if zero_grads:
+            torch._foreach_zero_(grads)
+    return norms
