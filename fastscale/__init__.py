@@ -3,6 +3,8 @@ on-device gradient-noise-scale (critical batch size) statistics, fused into one 
 
 from . import ops
 from ._extension import build_info
+from .noise_scale import NoiseScaleConfig
+from .optimizer import FusedScaledSGD
 
-__all__ = ["ops", "build_info"]
+__all__ = ["FusedScaledSGD", "NoiseScaleConfig", "build_info", "ops"]
 __version__ = "0.1.0"

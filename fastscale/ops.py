@@ -27,8 +27,7 @@ _lib.define(
     "bool maximize, bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor"
 )
 _lib.define(
-    "accumulate_grad_(Tensor(a!)[] accumulators, Tensor(b!)[] grads, *, float scale, "
-    "bool first, bool zero_grads) -> Tensor"
+    "accumulate_grad_(Tensor(a!)[] snapshots, Tensor[] grads, *, bool first) -> Tensor"
 )
 
 _lib.impl("fused_sgd_", reference.fused_sgd_, "CompositeExplicitAutograd")
@@ -42,7 +41,7 @@ def _fused_sgd_fake(params, grads, momentum_buffers, *, lr, **_):
 
 
 @torch.library.register_fake("fastscale::accumulate_grad_")
-def _accumulate_grad_fake(accumulators, grads, **_):
+def _accumulate_grad_fake(snapshots, grads, **_):
     device = grads[0].device if grads else torch.device("cpu")
     return torch.empty(len(grads), dtype=torch.float32, device=device)
 
@@ -52,9 +51,9 @@ def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> Tensor:
     return torch.ops.fastscale.fused_sgd_(params, grads, momentum_buffers, **kwargs)
 
 
-def accumulate_grad_(accumulators, grads, **kwargs) -> Tensor:
+def accumulate_grad_(snapshots, grads, **kwargs) -> Tensor:
     """``torch.ops.fastscale.accumulate_grad_``; see :func:`fastscale.reference.accumulate_grad_`."""
-    return torch.ops.fastscale.accumulate_grad_(accumulators, grads, **kwargs)
+    return torch.ops.fastscale.accumulate_grad_(snapshots, grads, **kwargs)
 
 
 IMPLS = ("auto", "native", "torch")

@@ -107,33 +107,24 @@ def fused_sgd_(
     return norms
 
 
-def accumulate_grad_(
-    accumulators: list[Tensor],
-    grads: list[Tensor],
-    *,
-    scale: float,
-    first: bool,
-    zero_grads: bool,
-) -> Tensor:
-    r"""Add one micro-batch's gradients into accumulators, returning |g|² per tensor.
+def accumulate_grad_(snapshots: list[Tensor], grads: list[Tensor], *, first: bool) -> Tensor:
+    r"""Take one micro-batch's gradient out of ``.grad`` as it accumulates, returning its |g|².
 
-    For each accumulator a and gradient g::
+    Autograd keeps adding each micro-batch's gradient into ``grads``; ``snapshots`` hold the
+    value they had at the previous call. For each pair::
 
-        n <- sum(g²)                         (returned; of g as given, before scaling)
-        a <- scale · g          if first     (a is not read: no separate clearing pass)
-        a <- a + scale · g      otherwise
-        g <- 0                  if zero_grads
+        n <- sum((g - s)²)        (returned: the squared norm of this micro-batch's gradient)
+        n <- sum(g²)  if first    (s is not read: no clearing pass before the first micro-batch)
+        s <- g
+
+    Grads are never written, so ``.grad`` is the plain accumulated gradient that clipping,
+    GradScaler and ``step()`` expect. Differences are formed in fp32 (fp64 for fp64).
     """
     device = grads[0].device if grads else torch.device("cpu")
-    norms = squared_norms(_compute_views(grads), device)
-    if grads:
-        if first:
-            torch._foreach_copy_(accumulators, torch._foreach_mul(_compute_views(grads), scale))
-        else:
-            a = _compute_views(accumulators)
-            torch._foreach_add_(a, _compute_views(grads), alpha=scale)
-            if a[0] is not accumulators[0]:
-                torch._foreach_copy_(accumulators, a)
-        if zero_grads:
-            torch._foreach_zero_(grads)
+    if not grads:
+        return squared_norms([], device)
+    g = _compute_views(grads)
+    micro = g if first else torch._foreach_sub(g, _compute_views(snapshots))
+    norms = squared_norms(micro, device)
+    torch._foreach_copy_(snapshots, grads)
     return norms
