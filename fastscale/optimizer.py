@@ -291,7 +291,7 @@ class FusedScaledSGD(Optimizer):
     # ----------------------------------------------------------------- statistics
     def _reset_pending(self) -> None:
         self._micro = None  # dict while micro-batch gradients are being accumulated
-        self._per_example = None
+        self._small = None  # (mean |G_small|², B_small, B_big, loss_scale, per-tensor or None)
 
     def _gather(self, norms: list[Tensor], positions: list[int]):
         """Per-tensor vector (all parameters, 0 where absent) and a mask of those present."""
@@ -308,7 +308,7 @@ class FusedScaledSGD(Optimizer):
     def _record_statistics(self, norms: list[Tensor], positions: list[int], found_inf) -> None:
         big_pt, present = self._gather(norms, positions)
         self._last_norms = big_pt
-        micro, per_example = self._micro, self._per_example
+        micro, small = self._micro, self._small
         self._reset_pending()
         est = self._estimator
         if est is None or not positions:
@@ -328,11 +328,12 @@ class FusedScaledSGD(Optimizer):
                 small_pt.double().sum(), big / total_c**2, b_small, b_big, found_inf,
                 small_pt, big_pt / total_c**2, present,
             )
-        elif per_example is not None:
-            sq, loss_scale, count = per_example
-            if count < 2:
+        elif small is not None:
+            sq, b_small, b_big, loss_scale, sq_pt = small
+            if not b_big > b_small:
                 return
-            est.update(sq.double().mean(), big / loss_scale**2, 1.0, float(count), found_inf)
+            big_scaled = big_pt / loss_scale**2
+            est.update(sq, big / loss_scale**2, b_small, b_big, found_inf, sq_pt, big_scaled, present)
 
     @torch.no_grad()
     def accumulate_grad(self, batch_size: int | None = None, loss_scale: float = 1.0, grad_scaler=None) -> None:
@@ -356,8 +357,8 @@ class FusedScaledSGD(Optimizer):
         _check_scalar("loss_scale", loss_scale)
         if not loss_scale > 0:
             raise ValueError(f"loss_scale must be > 0, got {loss_scale!r}")
-        if self._per_example is not None:
-            raise RuntimeError("this step already has per-example norms; use one source per step")
+        if self._small is not None:
+            raise RuntimeError("this step already has small-batch norms from another source; use one per step")
         self._ensure_state()
         first = self._micro is None
         positions, norms = [], []
@@ -415,16 +416,48 @@ class FusedScaledSGD(Optimizer):
         """
         if not isinstance(sq_norms, Tensor) or sq_norms.dim() != 1:
             raise TypeError("sq_norms must be a 1-D tensor of per-example squared gradient norms")
+        self._ensure_state()
+        sq = sq_norms.detach().to(self._step_count.device).double().mean()
+        self.observe_small_batch_norms(sq, 1, sq_norms.numel(), loss_scale, grad_scaler)
+
+    def observe_small_batch_norms(
+        self,
+        mean_sq_norm: Tensor,
+        small_batch_size: float,
+        big_batch_size: float,
+        loss_scale: float = 1.0,
+        grad_scaler=None,
+        per_tensor: Tensor | None = None,
+    ) -> None:
+        """Feed this step's mean squared norm of gradients over ``small_batch_size`` examples.
+
+        The generic source behind the per-example and data-parallel ones: ``mean_sq_norm`` is a
+        0-dim tensor, the mean of |G_small|² over the small batches that make up this step's
+        ``big_batch_size`` examples; the big-batch norm comes from the step itself, where
+        ``.grad`` = loss_scale × the mean gradient. ``per_tensor``: optionally the same per
+        parameter tensor, indexed like :meth:`gradient_stats`. Takes effect at the next step().
+        """
         _check_scalar("loss_scale", loss_scale)
         if not loss_scale > 0:
             raise ValueError(f"loss_scale must be > 0, got {loss_scale!r}")
-        if self._micro is not None:
-            raise RuntimeError("this step already accumulates micro-batches; use one source per step")
+        _check_scalar("small_batch_size", small_batch_size)
+        _check_scalar("big_batch_size", big_batch_size)
+        if not 0 < small_batch_size:
+            raise ValueError(f"small_batch_size must be > 0, got {small_batch_size!r}")
+        if not isinstance(mean_sq_norm, Tensor) or mean_sq_norm.numel() != 1:
+            raise TypeError("mean_sq_norm must be a 1-element tensor")
+        if self._micro is not None or self._small is not None:
+            raise RuntimeError("this step already has small-batch norms from another source; use one per step")
         self._ensure_state()
-        sq = sq_norms.detach().to(self._step_count.device)
+        device = self._step_count.device
+        sq = mean_sq_norm.detach().reshape(()).to(device).double()
+        if per_tensor is not None:
+            per_tensor = per_tensor.detach().to(device=device, dtype=torch.float32)
         if grad_scaler is not None and grad_scaler.is_enabled():
-            sq = sq / grad_scaler._get_scale_async().to(sq.device).double().square()
-        self._per_example = (sq, float(loss_scale), sq.numel())
+            inv = grad_scaler._get_scale_async().to(device).double().square().reciprocal()
+            sq = sq * inv
+            per_tensor = None if per_tensor is None else per_tensor * inv.float()
+        self._small = (sq, float(small_batch_size), float(big_batch_size), float(loss_scale), per_tensor)
 
     def noise_scale(self) -> float:
         """The current estimate of B_simple = tr(Σ)/|G|² (synchronises)."""
