@@ -20,6 +20,7 @@ from ._build_flags import cxx_flags, env_true, ldflags, nvcc_flags
 
 NO_NATIVE_ENV = "FASTSCALE_NO_NATIVE"
 NO_JIT_ENV = "FASTSCALE_NO_JIT"
+OPS = ("fused_sgd_", "accumulate_grad_")
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 _state: dict = {"loaded": None, "error": None, "devices": frozenset(), "how": None}
@@ -76,12 +77,18 @@ def load() -> bool:
         else:
             _jit_build()
             _state["how"] = "compiled on first use"
-        info = torch.ops.fastscale.build_info()
+        torch.ops.fastscale.build_info()
     except Exception as exc:  # a broken build must leave a working package
         _state["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         return False
     _state["loaded"] = True
-    _state["devices"] = frozenset(info.split(";")[0].split(","))
+    # Ask the dispatcher rather than trusting the build: a device counts only when every op
+    # has a kernel registered for it.
+    _state["devices"] = frozenset(
+        device
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastscale::{op}", key) for op in OPS)
+    )
     return True
 
 

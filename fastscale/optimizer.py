@@ -123,6 +123,7 @@ class FusedScaledSGD(Optimizer):
         self._estimator: NoiseScaleEstimator | None = None
         self._last_norms: Tensor | None = None  # per-tensor |g|² of the last step
         self._snapshots: dict[Tensor, Tensor] = {}
+        self._last_big_batch = None  # examples behind the last estimate, when no batch_size is set
         self._reset_pending()
         super().__init__(params, defaults)
         # GradScaler passes grad_scale/found_inf to step() instead of unscaling and syncing.
@@ -323,6 +324,7 @@ class FusedScaledSGD(Optimizer):
             # p.grad = Σ c_i·G_i, an unbiased gradient of variance tr(Σ)·Σc_i²/b_i / (Σc_i)².
             b_big = total_c**2 / sum(ci * ci / bi for ci, bi in zip(c, b))
             b_small = k / sum(1.0 / bi for bi in b)  # mean of |G_i|² has variance term tr(Σ)·mean(1/b_i)
+            self._last_big_batch = sum(b)
             small_pt = micro["sq_pt"] / k
             est.update(
                 small_pt.double().sum(), big / total_c**2, b_small, b_big, found_inf,
@@ -334,6 +336,7 @@ class FusedScaledSGD(Optimizer):
                 return
             big_scaled = big_pt / loss_scale**2
             est.update(sq, big / loss_scale**2, b_small, b_big, found_inf, sq_pt, big_scaled, present)
+            self._last_big_batch = b_big
 
     @torch.no_grad()
     def accumulate_grad(self, batch_size: int | None = None, loss_scale: float = 1.0, grad_scaler=None) -> None:
@@ -475,7 +478,7 @@ class FusedScaledSGD(Optimizer):
         if self._estimator is None:
             return out
         out.update(self._estimator.read())
-        b, b_noise = self.param_groups[0]["batch_size"], out["b_simple"]
+        b, b_noise = self.param_groups[0]["batch_size"] or self._last_big_batch, out["b_simple"]
         if b is not None and b_noise > 0:
             # McCandlish et al. eq. 2.11: S = S_min(1 + B_noise/B), E = E_min(1 + B/B_noise).
             out["batch_size"] = b

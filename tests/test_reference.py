@@ -1,0 +1,84 @@
+"""The pure-torch twins against torch.optim.SGD's single-tensor math, and opcheck on the ops."""
+
+import itertools
+
+import pytest
+import torch
+
+from fastscale import reference
+from fastscale.ops import accumulate_grad_, fused_sgd_
+
+HYPER = [
+    (m, d, n, mx, wd)
+    for m, d, n, mx, wd in itertools.product([0.0, 0.9], [0.0, 0.3], [False, True], [False, True], [0.0, 0.05])
+    if not (n and (m == 0 or d != 0))  # torch rejects Nesterov without momentum or with dampening
+]
+
+
+def torch_single_step(p, g, buf, lr, wd, momentum, dampening, nesterov, maximize):
+    """torch/optim/sgd.py's _single_tensor_sgd, written out for one tensor."""
+    g = -g if maximize else g
+    if wd:
+        g = g + wd * p
+    if momentum:
+        buf = g.clone() if buf is None else buf * momentum + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    return p - lr * g, buf
+
+
+@pytest.mark.parametrize("momentum,dampening,nesterov,maximize,wd", HYPER)
+@pytest.mark.parametrize("first", [True, False])
+def test_fused_sgd_reference_matches_torch_math(momentum, dampening, nesterov, maximize, wd, first):
+    shapes = [(3, 4), (0,), (), (17,)]
+    params = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    bufs = [torch.randn(s, dtype=torch.float64) for s in shapes] if momentum else []
+    expected = [
+        torch_single_step(p, g, None if first else (bufs[i] if bufs else None), 0.1, wd, momentum, dampening, nesterov, maximize)
+        for i, (p, g) in enumerate(zip(params, grads))
+    ]
+    norms = reference.fused_sgd_(
+        params, grads, bufs, lr=torch.tensor(0.1, dtype=torch.float64), weight_decay=wd, momentum=momentum,
+        dampening=dampening, nesterov=nesterov, maximize=maximize, is_first_step=first,
+    )
+    for (p_new, b_new), p, i in zip(expected, params, range(len(params))):
+        torch.testing.assert_close(p, p_new, rtol=1e-12, atol=1e-12)
+        if momentum:
+            torch.testing.assert_close(bufs[i], b_new, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norms, torch.stack([g.square().sum() for g in grads]).float())
+
+
+def test_grad_scale_and_found_inf():
+    p, g, b = torch.randn(10), torch.randn(10) * 512, torch.randn(10)
+    p0, b0 = p.clone(), b.clone()
+    kw = dict(lr=torch.tensor(0.5), weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+    n = reference.fused_sgd_([p], [g], [b], grad_scale=torch.tensor(512.0), found_inf=torch.tensor(1.0), **kw)
+    assert torch.equal(p, p0) and torch.equal(b, b0)  # skipped
+    torch.testing.assert_close(n, (g / 512).square().sum().reshape(1))
+    reference.fused_sgd_([p], [g], [b], grad_scale=torch.tensor(512.0), found_inf=torch.tensor(0.0), **kw)
+    torch.testing.assert_close(b, 0.9 * b0 + g / 512)
+    torch.testing.assert_close(p, p0 - 0.5 * b)
+
+
+def test_accumulate_reference_takes_micro_batch_norms():
+    micro = [[torch.randn(5, 3), torch.randn(2)] for _ in range(3)]
+    grads = [torch.zeros(5, 3), torch.zeros(2)]
+    snaps = [torch.full((5, 3), 7.0), torch.full((2,), 7.0)]  # stale: must not be read when first
+    for i, m in enumerate(micro):
+        torch._foreach_add_(grads, m)  # what autograd does on backward
+        n = reference.accumulate_grad_(snaps, grads, first=i == 0)
+        torch.testing.assert_close(n, torch.stack([t.square().sum() for t in m]), rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(s, g) for s, g in zip(snaps, grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck(dtype):
+    params = [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype)]
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.randn_like(p) for p in params]
+    kw = dict(lr=torch.tensor(0.1), weight_decay=0.01, momentum=0.9, dampening=0.0, nesterov=True, maximize=False, is_first_step=False)
+    torch.library.opcheck(torch.ops.fastscale.fused_sgd_, (params, grads, bufs), kw)
+    torch.library.opcheck(torch.ops.fastscale.accumulate_grad_, ([torch.randn_like(g) for g in grads], grads), dict(first=False))
+    # the Python wrappers are the ops
+    assert fused_sgd_(params, grads, bufs, **kw).shape == (2,)
+    assert accumulate_grad_(bufs, grads, first=True).shape == (2,)
