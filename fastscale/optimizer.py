@@ -153,6 +153,8 @@ class FusedScaledSGD(Optimizer):
             for p in group["params"]:
                 self._param_index[p] = len(self._param_index)
         self._index_cache: dict[tuple, Tensor] = {}
+        self._all_present = None
+        self._lr_cache: dict[int, tuple] = {}
         if self._estimator is not None:
             self._estimator.resize(len(self._param_index))
 
@@ -203,6 +205,17 @@ class FusedScaledSGD(Optimizer):
             raise RuntimeError('scaling="noise" needs noise_scale=True (the live B_noise estimate)')
         return lr_scaling.noise_scale_factor(group, self._estimator.b_noise(fallback))
 
+    def _effective_lr(self, index: int, group: dict) -> Tensor:
+        scale = self._group_scale(group)
+        if group["warmup_steps"] or isinstance(scale, Tensor) or isinstance(group["lr"], Tensor):
+            return lr_scaling.effective_lr(group, self._step_count, scale)
+        # Constant while lr and batch size are: reuse the tensor instead of launching a fill.
+        key = (group["lr"], scale)
+        cached = self._lr_cache.get(index)
+        if cached is None or cached[0] != key:
+            cached = self._lr_cache[index] = (key, lr_scaling.effective_lr(group, self._step_count, scale))
+        return cached[1]
+
     def current_lr(self) -> list[float]:
         """The effective learning rate of each group for the next step (synchronises)."""
         self._ensure_state()
@@ -224,8 +237,8 @@ class FusedScaledSGD(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         step_count = self._step_count
         norms, positions = [], []
-        for group in self.param_groups:
-            lr = lr_scaling.effective_lr(group, step_count, self._group_scale(group))
+        for index, group in enumerate(self.param_groups):
+            lr = self._effective_lr(index, group)
             for (device, _), (params, grads, positions_) in self._buckets(group).items():
                 on_device = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
                 kwargs = dict(
@@ -298,6 +311,11 @@ class FusedScaledSGD(Optimizer):
         """Per-tensor vector (all parameters, 0 where absent) and a mask of those present."""
         device = self._step_count.device
         n = len(self._param_index)
+        if len(norms) == 1 and len(positions) == n and positions == list(range(n)):
+            # Common case, one op call covering every parameter in order: no scatter needed.
+            if self._all_present is None or self._all_present.numel() != n:
+                self._all_present = torch.ones(n, dtype=torch.bool, device=device)
+            return norms[0].to(device, non_blocking=True), self._all_present
         vec = torch.zeros(n, dtype=torch.float32, device=device)
         present = torch.zeros(n, dtype=torch.bool, device=device)
         if positions:
