@@ -187,7 +187,7 @@ def _config_row(optimizer, local_batch_size, loss_scale, ddp_params, param_index
     flags = 0
     if not isinstance(optimizer, FusedScaledSGD):
         flags |= _NOT_FUSED
-    elif optimizer._noise_config is None:
+    elif optimizer.noise_scale_config is None:
         flags |= _NO_NOISE_SCALE
     number = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
     if not (number(local_batch_size) and local_batch_size > 0):

@@ -158,6 +158,11 @@ class FusedScaledSGD(Optimizer):
         if self._estimator is not None:
             self._estimator.resize(len(self._param_index))
 
+    @property
+    def noise_scale_config(self) -> NoiseScaleConfig | None:
+        """How the noise scale is estimated, or None when it is not."""
+        return self._noise_config
+
     def set_batch_size(self, batch_size: int, group: int | None = None) -> None:
         """Change the batch size of every group (or of group index ``group``); the scale follows."""
         batch_size = lr_scaling.check_batch_size("batch_size", batch_size, allow_none=False)
