@@ -3,6 +3,7 @@ on-device gradient-noise-scale (critical batch size) statistics, fused into one 
 
 from . import ops
 from ._extension import build_info
+from .per_example import PerExampleGradNorms
 
-__all__ = ["ops", "build_info"]
+__all__ = ["ops", "build_info", "PerExampleGradNorms"]
 __version__ = "0.1.0"
