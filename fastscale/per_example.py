@@ -401,7 +401,10 @@ class PerExampleGradNorms:
             self._handles.append(layer.module.register_forward_hook(
                 self._forward_hook(layer), with_kwargs=True))
             for pname, p in layer.params.items():
-                self._handles.append(p.register_hook(self._param_hook(f"{layer.name}.{pname}")))
+                # After accumulation, not a tensor hook: a tensor hook on a leaf keeps
+                # AccumulateGrad from stealing the incoming gradient (measured: a copy of it).
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    self._param_hook(f"{layer.name}.{pname}")))
         return self
 
     def detach(self) -> None:
@@ -428,7 +431,7 @@ class PerExampleGradNorms:
             self.reset()
 
     def _param_hook(self, name: str):
-        def hook(grad):
+        def hook(param):
             self._grads_seen.add(name)
 
         return hook
@@ -472,10 +475,18 @@ class PerExampleGradNorms:
 
     # -- reduction
     def _reduce(self, layer: _Layer) -> None:
-        uses = [u for u in layer.uses if u.grad is not None]  # a call that did not reach the loss adds 0
-        layer.uses = []
-        if not uses:
-            return
+        all_uses, layer.uses = layer.uses, []
+        uses = [u for u in all_uses if u.grad is not None]  # a call that did not reach the loss adds 0
+        try:
+            if uses:
+                self._reduce_uses(layer, uses)
+        finally:
+            # The output's hook closure keeps its _Use alive as long as the autograd graph
+            # lives (all of backward): drop the tensors now, not at the end.
+            for u in all_uses:
+                u.args = u.kwargs = u.grad = None
+
+    def _reduce_uses(self, layer: _Layer, uses: list[_Use]) -> None:
         kind, mod = layer.kind, layer.module
         prev, self._suspended = self._suspended, True
         try:
