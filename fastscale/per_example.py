@@ -49,7 +49,6 @@ Limitations (each raises a clear error unless noted)
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -167,7 +167,7 @@ def test_mlp(reduction):
 
 def test_mlp_on_sequences_uses_both_forms():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(6, 40), nn.GELU(), nn.Linear(40, 3))  # Gram for T=5 on layer 0? no: compare
+    model = nn.Sequential(nn.Linear(6, 40), nn.GELU(), nn.Linear(40, 3))
     x = torch.randn(4, 5, 2, 6)  # extra dims flattened into T = 10
 
     def loss(out, y):
