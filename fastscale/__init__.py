@@ -5,6 +5,7 @@ from . import ops
 from ._extension import build_info
 from .noise_scale import NoiseScaleConfig
 from .optimizer import FusedScaledSGD
+from .per_example import PerExampleGradNorms
 
-__all__ = ["FusedScaledSGD", "NoiseScaleConfig", "build_info", "ops"]
+__all__ = ["FusedScaledSGD", "NoiseScaleConfig", "PerExampleGradNorms", "build_info", "ops"]
 __version__ = "0.1.0"

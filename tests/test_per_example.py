@@ -1,0 +1,364 @@
+"""PerExampleGradNorms against exact per-example gradients from torch.func.vmap(grad(...)).
+
+The reference runs an fp64 copy of the model on one example at a time (vmap), with that
+example's own loss l_i; the hooks run the fp32 model on the whole batch with the batch loss
+(mean or sum of the l_i). Every check is relative error <= 1e-4 per example and per layer.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fastscale import PerExampleGradNorms
+
+RTOL = 1e-4
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def reference(model, inputs, target, per_example_loss):
+    """Exact {module path: [B] squared norm of grad l_i} over trainable parameters (fp64)."""
+    m64 = copy.deepcopy(model).double()
+    params = {n: p.detach() for n, p in m64.named_parameters() if p.requires_grad}
+    x64 = inputs.double() if inputs.is_floating_point() else inputs
+
+    def loss_one(p, x, y):
+        out = functional_call(m64, p, (x.unsqueeze(0),))
+        return per_example_loss(out, y.unsqueeze(0)).sum()
+
+    grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x64, target)
+    out = {}
+    for name, g in grads.items():
+        layer = name.rpartition(".")[0] or "<root>"
+        out[layer] = out.get(layer, 0) + g.flatten(1).square().sum(1)
+    return out
+
+
+def run_hooks(model, inputs, target, per_example_loss, reduction, **kw):
+    norms = PerExampleGradNorms(model, loss_reduction=reduction, **kw)
+    losses = per_example_loss(model(inputs), target)
+    loss = losses.mean() if reduction == "mean" else losses.sum()
+    loss.backward()
+    return norms
+
+
+def assert_close(got, want, what=""):
+    got, want = got.double(), want.double().to(got.device)
+    err = ((got - want).abs() / want.abs().clamp_min(1e-30)).max().item()
+    assert err <= RTOL, f"{what}: max relative error {err:.3g} (got {got.tolist()}, want {want.tolist()})"
+
+
+def check(model, inputs, target, per_example_loss, reduction="mean", **kw):
+    want = reference(model, inputs, target, per_example_loss)
+    norms = run_hooks(model, inputs, target, per_example_loss, reduction, **kw)
+    got = norms.per_layer()
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for name in want:
+        assert_close(got[name], want[name], name)
+    total = sum(want.values())
+    sq = norms.squared_norms()
+    assert sq.dtype == torch.float32 and sq.shape == (inputs.shape[0],)
+    assert_close(sq, total, "total")
+    norms.detach()
+    return norms
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def token_ce(out, y):  # mean over an example's tokens: l_i
+    return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(13, 32), nn.ReLU(inplace=True), nn.Linear(32, 31), nn.Tanh(), nn.Linear(31, 5))
+
+
+class CNN2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.c2 = nn.Conv2d(8, 6, 3, padding="same", dilation=2, groups=2)
+        self.c3 = nn.Conv2d(6, 4, (2, 3), stride=(1, 2), padding=1, padding_mode="reflect", bias=False)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.gn(self.c1(x)))
+        x = torch.tanh(self.c3(F.relu(self.c2(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class CNN1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 5, stride=2, padding=2)
+        self.gn = nn.GroupNorm(3, 6)
+        self.c2 = nn.Conv1d(6, 6, 3, groups=3, padding="same", dilation=2, padding_mode="circular")
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = torch.tanh(self.c2(F.gelu(self.gn(self.c1(x)))))
+        return self.head(x.mean(2))
+
+
+class Block(nn.Module):
+    """Embedding + pre-norm causal attention from nn.Linear on [B, T, d] + MLP. The final
+    norm is the same LayerNorm as the first (a module used twice in one forward)."""
+
+    def __init__(self, vocab=11, d=16, heads=2, t=9):
+        super().__init__()
+        self.heads = heads
+        self.tok = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Embedding(t, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.RMSNorm(d)
+        self.fc = nn.Linear(d, 4 * d)
+        self.out = nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        pos = torch.arange(t, device=ids.device).expand(b, t)
+        x = self.tok(ids) + self.pos(pos)
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        att = att.masked_fill(torch.ones(t, t, dtype=torch.bool, device=ids.device).triu(1), float("-inf"))
+        x = x + self.proj((att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+        x = x + self.out(F.gelu(self.fc(self.ln2(x))))
+        return self.head(self.ln1(x))
+
+
+def cnn2d_data(b=6):
+    return torch.randn(b, 3, 11, 10), torch.randint(0, 5, (b,))
+
+
+def cnn1d_data(b=5):
+    return torch.randn(b, 4, 23), torch.randint(0, 5, (b,))
+
+
+def block_data(b=4, t=9, vocab=11):
+    return torch.randint(0, vocab, (b, t)), torch.randint(0, vocab, (b, t))
+
+
+METHODS = ["auto", "gram", "materialize"]
+
+
+# ---------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mlp(reduction):
+    torch.manual_seed(0)
+    check(mlp(), torch.randn(7, 13), torch.randint(0, 5, (7,)), ce, reduction)
+
+
+def test_mlp_on_sequences_uses_both_forms():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 40), nn.GELU(), nn.Linear(40, 3))
+    x = torch.randn(4, 5, 2, 6)  # extra dims flattened into T = 10
+
+    def loss(out, y):
+        return (out - y).square().sum((1, 2, 3))
+
+    y = torch.randn(4, 5, 2, 3)
+    for method in METHODS:
+        check(model, x, y, loss, "mean", method=method)
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cnn2d(method, reduction):
+    torch.manual_seed(2)
+    x, y = cnn2d_data()
+    check(CNN2d(), x, y, ce, reduction, method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cnn1d(method, reduction):
+    torch.manual_seed(3)
+    x, y = cnn1d_data()
+    check(CNN1d(), x, y, ce, reduction, method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_transformer_block(method, reduction):
+    torch.manual_seed(4)
+    ids, y = block_data()
+    ids[0, :4] = 3  # repeated ids in one example
+    ids[1, 2:5] = 0  # padding_idx rows get no gradient
+    check(Block(), ids, y, token_ce, reduction, method=method)
+
+
+def test_token_mean_loss_is_mean_reduction():
+    # cross_entropy averaged over all B*T tokens == mean over examples of the per-example token mean
+    torch.manual_seed(5)
+    model = Block()
+    ids, y = block_data()
+    want = sum(reference(model, ids, y, token_ce).values())
+    norms = PerExampleGradNorms(model, "mean")
+    F.cross_entropy(model(ids).flatten(0, 1), y.flatten()).backward()
+    assert_close(norms.squared_norms(), want)
+
+
+def test_frozen_parameters_are_ignored():
+    torch.manual_seed(6)
+    model = mlp()
+    model[0].requires_grad_(False)  # frozen module: no hooks
+    model[2].bias.requires_grad_(False)  # frozen bias only
+    norms = check(model, torch.randn(5, 13), torch.randint(0, 5, (5,)), ce, "mean")
+    assert set(norms.per_layer()) == {"2", "4"}
+
+
+def test_linear_reused_in_one_forward():
+    torch.manual_seed(7)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+    for method in METHODS:
+        check(Twice(), torch.randn(5, 4, 8), torch.randn(5, 4, 3), lambda o, y: (o - y).square().sum((1, 2)),
+              "sum", method=method)
+
+
+def test_state_resets_on_next_forward():
+    torch.manual_seed(8)
+    model = mlp()
+    norms = PerExampleGradNorms(model, attach=False)
+    for _ in range(2):
+        x, y = torch.randn(6, 13), torch.randint(0, 5, (6,))
+        norms.detach()  # the reference deep-copies the model, hooks included
+        want = sum(reference(model, x, y, ce).values())
+        norms.attach()
+        model.zero_grad()
+        ce(model(x), y).mean().backward()
+        assert_close(norms.squared_norms(), want)
+    with torch.no_grad():
+        model(x)  # an evaluation forward does not clear the step
+    assert_close(norms.squared_norms(), want)
+
+
+def test_context_manager_detaches():
+    model = mlp()
+    with PerExampleGradNorms(model) as norms:
+        ce(model(torch.randn(3, 13)), torch.tensor([0, 1, 2])).mean().backward()
+        assert norms.squared_norms().shape == (3,)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_read_before_backward_raises():
+    model = mlp()
+    norms = PerExampleGradNorms(model)
+    with pytest.raises(RuntimeError, match="no forward"):
+        norms.squared_norms()
+    model(torch.randn(3, 13))
+    with pytest.raises(RuntimeError, match="backward"):
+        norms.squared_norms()
+
+
+# ---------------------------------------------------------------------------- unsupported layers
+
+
+class Affine(nn.Module):
+    """A layer type the hooks know nothing about: owns parameters, has a child Linear."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(d))
+        self.shift = nn.Parameter(torch.randn(d))
+        self.inner = nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.sin(self.inner(x) * self.gain) + self.shift
+
+
+def with_affine():
+    return nn.Sequential(nn.Linear(5, 7), Affine(7), nn.Linear(7, 3))
+
+
+def test_unsupported_layer_error_names_it():
+    with pytest.raises(ValueError, match=r"'1' \(.*Affine\)"):
+        PerExampleGradNorms(with_affine())
+    with pytest.raises(ValueError, match=r"'0' \(.*Bilinear\)"):
+        PerExampleGradNorms(nn.Sequential(nn.Bilinear(2, 2, 2)))
+    with pytest.raises(ValueError, match="mixes the examples"):
+        PerExampleGradNorms(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+
+
+def test_weight_tying_raises():
+    model = Block()
+    model.head.weight = model.tok.weight
+    with pytest.raises(ValueError, match="weight tying"):
+        PerExampleGradNorms(model)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_functorch_fallback(reduction):
+    torch.manual_seed(9)
+    model = with_affine()
+    check(model, torch.randn(6, 4, 5), torch.randn(6, 4, 3), lambda o, y: (o - y).square().sum((1, 2)),
+          reduction, fallback="functorch")
+
+
+def test_functorch_fallback_root_module_used_twice():
+    torch.manual_seed(10)
+    model = Affine(4)  # the root itself is unsupported
+    x = torch.randn(5, 4)
+
+    class Twice(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.a = inner
+
+        def forward(self, x):
+            return self.a(self.a(x))
+
+    check(Twice(model), x, torch.randn(5, 4), lambda o, y: (o - y).square().sum(1), "mean", fallback="functorch")
+
+
+def test_parameter_used_outside_its_forward_raises():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.scale = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):  # uses lin's parameters without calling lin
+            return F.linear(x, self.lin.weight, self.lin.bias) * self.scale
+
+    model = nn.Sequential(Functional())
+    norms = PerExampleGradNorms(model, fallback="functorch")
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"'0.lin' \(Linear\).*forward never ran"):
+        norms.squared_norms()
+
+
+def test_module_returning_a_tuple_is_refused_by_the_fallback():
+    model = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True))
+    with pytest.raises(ValueError, match=r"'0' \(.*MultiheadAttention\)"):
+        PerExampleGradNorms(model)
+    PerExampleGradNorms(model, fallback="functorch")
+    x = torch.randn(3, 5, 4)
+    with pytest.raises(ValueError, match="returns tuple"):
+        model[0](x, x, x)
