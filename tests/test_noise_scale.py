@@ -182,3 +182,21 @@ def test_one_source_per_step():
     opt2 = FusedScaledSGD([p], lr=0.1, noise_scale=True)
     with pytest.raises(ValueError, match="accumulate_grad needs batch_size"):
         opt2.accumulate_grad()
+
+
+def test_per_example_hooks_feed_the_estimator(impl):
+    """fastscale.PerExampleGradNorms on an nn.Linear gives the per-example source end to end."""
+    from fastscale import PerExampleGradNorms
+
+    w_star, w, truth, gen = problem(4)
+    model = torch.nn.Linear(D1 + D2, 1, bias=False).double()
+    model.weight.data.copy_(w.reshape(1, -1))
+    opt = FusedScaledSGD(model.parameters(), lr=0.0, noise_scale=NoiseScaleConfig(beta=0.998), impl=impl)
+    with PerExampleGradNorms(model, loss_reduction="mean") as norms:
+        for _ in range(1500):
+            opt.zero_grad()
+            x, y = batch(w_star, 32, gen)
+            (0.5 * (model(x).squeeze(1) - y).square()).mean().backward()
+            opt.observe_per_example_norms(norms.squared_norms())
+            opt.step()
+    check(opt.gradient_stats(), truth, per_tensor=False)
