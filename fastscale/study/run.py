@@ -43,9 +43,9 @@ class StudyConfig:
     max_steps: int = 100_000
     warmup_examples: int | None = None  # None: the task's default
     min_warmup_steps: int = 3
-    eval_every_examples: int = 256
+    eval_every_examples: int | None = None  # None: the task's default
     micro_batches: int = 2
-    noise_window_examples: int = 4096
+    noise_window_examples: int | None = None  # None: the task's default
     noise_min_updates: int = 10
     noise_fallback: float | None = None  # None: the base batch size (a cautious prior)
     noise_source: str = "micro"
@@ -67,9 +67,9 @@ def _run_config(cfg: StudyConfig, task) -> RunConfig:
         max_examples=cfg.max_examples or (d.quick_max_examples if cfg.quick else d.max_examples),
         min_steps=cfg.min_steps,
         max_steps=cfg.max_steps,
-        eval_every_examples=cfg.eval_every_examples,
+        eval_every_examples=cfg.eval_every_examples or d.eval_every_examples,
         micro_batches=cfg.micro_batches,
-        noise_window_examples=cfg.noise_window_examples,
+        noise_window_examples=cfg.noise_window_examples or d.noise_window_examples,
         noise_min_updates=cfg.noise_min_updates,
         noise_fallback=float(cfg.noise_fallback or cfg.base_batch_size),
         noise_source=cfg.noise_source,
@@ -93,6 +93,7 @@ def _summarise_run(run: dict, target: float, reference: dict) -> None:
     run["b_simple_final"] = run["curve"]["b_simple"][-1]
     if "b_simple_true" in run["curve"]:
         run["b_simple_true_at_target"] = _at_target(run, "b_simple_true")
+        run["b_simple_true_ema_at_target"] = _at_target(run, "b_simple_true_ema")
         run["estimator_vs_truth"] = _estimator_vs_truth(run)
     del run["_target_index"]
 
@@ -172,6 +173,10 @@ def run_task(name: str, cfg: StudyConfig, progress=None) -> dict:
     at_target = [r["b_simple_at_target"] for r in runs if r.get("b_simple_at_target") is not None
                  and math.isfinite(r["b_simple_at_target"]) and not r.get("shared_with")]
     result["b_simple_at_target_median"] = statistics.median(at_target) if at_target else None
+    averaged = [r["b_simple_true_ema_at_target"] for r in runs if r.get("b_simple_true_ema_at_target") is not None
+                and math.isfinite(r["b_simple_true_ema_at_target"]) and not r.get("shared_with")]
+    if averaged:
+        result["b_simple_true_averaged_at_target_median"] = statistics.median(averaged)
     if name == "lstsq":
         delta_sq = 2.0 * target - task.sigma**2  # loss = ½(|δ|² + σ²)
         result["b_simple_true_at_target"] = task.dim + 1 + task.dim * task.sigma**2 / delta_sq if delta_sq > 0 else None

@@ -32,6 +32,8 @@ class TaskDefaults:
     max_examples: int
     quick_max_examples: int
     warmup_examples: int  # Goyal et al. 2017 warm up over a fixed amount of data (5 of 90 epochs)
+    eval_every_examples: int
+    noise_window_examples: int  # B_simple moves fast on least squares: a shorter average lags less
 
 
 class DigitsTask:
@@ -40,7 +42,8 @@ class DigitsTask:
     name = "digits"
     has_accuracy = True
     defaults = TaskDefaults(
-        lr=0.02, momentum=0.9, target_loss=0.2, max_examples=12_000, quick_max_examples=5_000, warmup_examples=512
+        lr=0.02, momentum=0.9, target_loss=0.2, max_examples=12_000, quick_max_examples=5_000, warmup_examples=512,
+        eval_every_examples=128, noise_window_examples=4096,
     )
 
     def __init__(self, model: str = "cnn", device: str = "cpu"):
@@ -132,7 +135,8 @@ class LeastSquaresTask:
     # Plain SGD (no momentum), as in McCandlish et al.'s analysis; the Hessian is I, so the largest
     # useful step is 1 and linear scaling from 0.05 at B = 8 overshoots beyond B ≈ 160.
     defaults = TaskDefaults(
-        lr=0.05, momentum=0.0, target_loss=0.16, max_examples=4_000, quick_max_examples=2_000, warmup_examples=128
+        lr=0.05, momentum=0.0, target_loss=0.16, max_examples=4_000, quick_max_examples=2_000, warmup_examples=128,
+        eval_every_examples=32, noise_window_examples=512,
     )
 
     def __init__(self, model: str = "linear", device: str = "cpu", dim: int = 16, sigma: float = 0.5):
