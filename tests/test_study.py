@@ -98,6 +98,10 @@ BAD = [
     (["study", "--batch-sizes", "eight"], "integers"),
     (["study", "--rules", "cubic"], "unknown scaling rule"),
     (["study", "--base-batch-size", "0"], "> 0"),
+    (["study", "--device", "tpu"], "unknown device"),
+    (["study", "--lr", "-1"], "> 0"),
+    (["study", "--momentum", "1.5"], "[0, 1)"),
+    (["study", "--seed", "x"], "integer"),
     (["nonsense"], "invalid choice"),
 ]
 

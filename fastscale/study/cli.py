@@ -43,6 +43,44 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _momentum(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**40:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**40), got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (choose cpu, cuda or cuda:N)")
+    return text
+
+
 def _rules(text: str) -> list[str]:
     from .run import RULES
 
@@ -69,9 +107,9 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated ladder (default: 8·k for k=1..7 and powers of two up to 1024)")
     p.add_argument("--rules", type=_rules, default=None, help="comma-separated subset of none,linear,sqrt,noise")
     p.add_argument("--base-batch-size", type=_positive_int, default=8, help="batch size the base lr is for (8)")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate at the base batch size (task default)")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (task default 0.9)")
-    p.add_argument("--target-loss", type=float, default=None, help="held-out loss to reach (task default)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="base learning rate at the base batch size (task default)")
+    p.add_argument("--momentum", type=_momentum, default=None, help="SGD momentum (task default 0.9)")
+    p.add_argument("--target-loss", type=_positive_float, default=None, help="held-out loss to reach (task default)")
     p.add_argument("--max-examples", type=_positive_int, default=None, help="examples per run (task default)")
     p.add_argument("--min-steps", type=_positive_int, default=None, help="steps per run at least (60; quick 20)")
     p.add_argument("--warmup-examples", type=_positive_int, default=None,
@@ -80,12 +118,12 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                    help="micro-batches per step for the noise-scale estimate (2)")
     p.add_argument("--noise-source", choices=["micro", "per-example"], default="micro",
                    help="small-batch gradients for B_simple: micro-batches (default) or per-example norms")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
     p.add_argument("--impl", choices=["auto", "torch", "native"], default="auto",
                    help="fastscale kernels: auto (compiled where built), torch (pure torch), native")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (1: the models are tiny; more threads only add overhead)")
-    p.add_argument("--seed", type=int, default=0, help="seed: same seed, same results.json")
+    p.add_argument("--seed", type=_seed, default=0, help="seed: same seed, same results.json")
     p.add_argument("--out", default="fastscale-study", help="report folder (default ./fastscale-study)")
     p.add_argument("--quick", action="store_true", help="a small ladder and short runs (under 40 s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -198,7 +198,12 @@ def check_config(cfg: StudyConfig) -> None:
     for rule in cfg.rules:
         if rule not in RULES:
             raise StudyError(f"unknown scaling rule {rule!r} (choose from {', '.join(RULES)})")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise StudyError("--device cuda was asked for but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise StudyError(f"--device {cfg.device} was asked for but torch sees no CUDA device "
+                             f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+        index = torch.device(cfg.device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise StudyError(f"--device {cfg.device}: only {torch.cuda.device_count()} CUDA device(s)")
     if cfg.micro_batches < 2 and cfg.noise_source == "micro":
         raise StudyError("--micro-batches must be at least 2 (the noise scale compares micro-batch and batch gradients)")
