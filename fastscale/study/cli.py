@@ -88,7 +88,9 @@ def _rules(text: str) -> list[str]:
     for r in rules:
         if r not in RULES:
             raise argparse.ArgumentTypeError(f"unknown scaling rule {r!r} (choose from {', '.join(RULES)})")
-    return rules
+    if not rules:
+        raise argparse.ArgumentTypeError("expected at least one scaling rule")
+    return list(dict.fromkeys(rules))  # in order, without repeats
 
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:

@@ -165,7 +165,8 @@ def _task_section(name: str, res: dict, plots: list[str]) -> list[str]:
         f"(beta = 1 − B/{st['noise_window_examples']}, clamped to [0.5, 0.999]); `scaling=\"noise\"` uses "
         f"B_noise = {st['noise_fallback']:g} until {st['noise_min_updates']} updates"
         if st["noise_source"] == "micro" else "- noise scale: per-example gradient norms (B_small = 1)",
-        f"- target loss: **{res['target_loss']:g}** (held-out); reference curve: B = {res['reference_batch_size']}",
+        f"- target loss: **{res['target_loss']:g}** (held-out); reference curve: B = {res['reference_batch_size']} "
+        "under the same rule",
         "",
         "### Runs",
         "",
@@ -189,7 +190,9 @@ def _task_section(name: str, res: dict, plots: list[str]) -> list[str]:
         "(=): at B = B0 every rule gives the base rate with no warmup, so that run is shared. "
         "mismatch: mean over 64 evenly spaced e in (0, e_max] of |loss_B(e) − loss_ref(e)|, both held-out curves "
         "linearly interpolated in examples seen e, e_max the shorter run's last evaluation. "
-        "steps→target: linear interpolation between the evaluations around the first crossing; — = not reached.",
+        "steps→target: linear interpolation between the evaluations around the first crossing; — = not reached. "
+        "B_simple is the optimizer's online estimate (a ratio of moving averages); it can be negative or huge "
+        "when the batch is far below B_simple, where the |G|² estimate is mostly noise.",
         "",
         "### Steps/examples trade-off fit (McCandlish et al. 2018)",
         "",
@@ -260,7 +263,7 @@ def write_report(results: dict, out: Path, wall_seconds: float) -> list[Path]:
         f"Command: `{results['command']}`",
         "",
         f"Environment: torch {env['torch']}, device {env['device']}, {env['threads']} thread(s), "
-        f"fastscale ops: {env['ops']}. Wall time: {wall_seconds:.1f} s. Seed {results['config']['seed']}.",
+        f"fastscale ops: {env['ops']}. Training wall time: {wall_seconds:.1f} s. Seed {results['config']['seed']}.",
         "",
         "Every run starts from the same initial weights; runs at one batch size see the same batches under "
         "every rule (common random numbers). Optimizer: `fastscale.FusedScaledSGD(batch_size=B, "

@@ -157,16 +157,18 @@ def run_task(name: str, cfg: StudyConfig, progress=None) -> dict:
             runs.append(run)
             if progress is not None:
                 progress.update(1)
-    reference = runs[0]  # the smallest batch (k = 1)
+    # Each rule's curves are compared with its own smallest-batch (k = 1) run; when that batch is
+    # B0 the four references are one shared run.
+    references = {rule: next(r for r in runs if r["rule"] == rule) for rule in cfg.rules}
     for run in runs:
-        _summarise_run(run, target, reference)
+        _summarise_run(run, target, references[run["rule"]])
     result = {
         "task": task.describe(),
         "target_loss": target,
         "settings": {k: v for k, v in asdict(run_cfg).items()},
         "batch_sizes": batch_sizes,
         "rules": list(cfg.rules),
-        "reference_batch_size": reference["batch_size"],
+        "reference_batch_size": batch_sizes[0],
         "runs": runs,
         "fits": _fits(runs, cfg.rules),
     }
