@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -213,7 +214,10 @@ def run_study_command(args) -> int:
         },
         "tasks": {},
     }
-    with tqdm(total=count_runs(cfg), desc="fastscale study", unit="run", disable=not show, file=sys.stderr) as bar:
+    # shutil falls back to 80×24 where a pty reports a size of 0×0, on which tqdm draws nothing.
+    size = shutil.get_terminal_size()
+    with tqdm(total=count_runs(cfg), desc="fastscale study", unit="run", disable=not show, file=sys.stderr,
+              ncols=size.columns, nrows=size.lines) as bar:
         for name in tasks:
             results["tasks"][name] = run_task(name, cfg, bar)
     written = write_report(results, out, time.perf_counter() - start)
