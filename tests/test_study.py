@@ -93,6 +93,7 @@ def test_same_seed_same_results():
 BAD = [
     (["study", "--task", "imagenet"], "invalid choice"),
     (["study", "--model", "resnet"], "invalid choice"),
+    (["study", "--dataset", "mnist"], "invalid choice"),
     (["study", "--batch-sizes", "0"], "> 0"),
     (["study", "--batch-sizes", "8,-4"], "> 0"),
     (["study", "--batch-sizes", "eight"], "integers"),
@@ -122,6 +123,14 @@ def test_unwritable_output_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0
     assert err.count("\n") == 1 and "cannot write to output folder" in err, err
+
+
+@pytest.mark.parametrize("module,package", [("matplotlib", "matplotlib"), ("tqdm", "tqdm"), ("sklearn", "scikit-learn")])
+def test_missing_dependency_is_one_line(module, package, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    code = main(["study", "--task", "digits", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("\n") == 1 and package in err and "fastscale[study]" in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")

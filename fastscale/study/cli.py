@@ -102,7 +102,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
         "noise), fit the steps/examples trade-off of McCandlish et al. 2018 and compare the fitted critical "
         "batch size with the optimizer's online B_simple estimate. Writes report.md, results.json and plots.",
     )
-    p.add_argument("--task", choices=[*TASKS, "all"], default="all",
+    p.add_argument("--task", "--dataset", dest="task", choices=[*TASKS, "all"], default="all",
                    help="digits (small CNN on scikit-learn's digits), lstsq (least squares, known noise scale), "
                    "or all (default)")
     p.add_argument("--model", choices=["cnn", "mlp"], default=None, help="model for the digits task (default cnn)")
