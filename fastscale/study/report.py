@@ -147,6 +147,28 @@ def _plots(name: str, res: dict, out: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------- markdown
+def _rules_table(res: dict) -> list[str]:
+    """One line per rule over the batch sizes above the reference: how often it reached the
+    target, diverged, and how far its learning curves sat from the small-batch one."""
+    import statistics
+
+    rows = []
+    for rule in res["rules"]:
+        runs = [r for r in res["runs"] if r["rule"] == rule and r["batch_size"] > res["reference_batch_size"]]
+        if not runs:
+            continue
+        reached = [r for r in runs if r["steps_to_target"] is not None]
+        mism = [m for m in (r["mismatch"]["mean_abs"] for r in runs) if m is not None and math.isfinite(m)]
+        rows.append([
+            rule, f"{len(reached)}/{len(runs)}", sum(r["diverged"] for r in runs),
+            statistics.median(mism) if mism else None,
+            max((r["batch_size"] for r in reached), default=None),
+            min((r["steps_to_target"] for r in reached), default=None),
+        ])
+    return _table(["rule", "reached target", "diverged", "median mismatch", "largest B reaching target",
+                   "fewest steps to target"], rows)
+
+
 def _task_section(name: str, res: dict, plots: list[str]) -> list[str]:
     t = res["task"]
     st = res["settings"]
@@ -193,6 +215,10 @@ def _task_section(name: str, res: dict, plots: list[str]) -> list[str]:
         "steps→target: linear interpolation between the evaluations around the first crossing; — = not reached. "
         "B_simple is the optimizer's online estimate (a ratio of moving averages); it can be negative or huge "
         "when the batch is far below B_simple, where the |G|² estimate is mostly noise.",
+        "",
+        "### Rules compared",
+        "",
+        *_rules_table(res),
         "",
         "### Steps/examples trade-off fit (McCandlish et al. 2018)",
         "",
