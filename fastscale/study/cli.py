@@ -1,0 +1,264 @@
+"""`fastscale study`: argument parsing and the run itself, with one-line errors for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .tasks import TASKS, StudyError
+
+DEPENDENCIES = {"matplotlib": "matplotlib", "tqdm": "tqdm"}  # module -> pip name; sklearn: digits only
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage dump) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one batch size")
+    bad = [v for v in values if v <= 0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"batch sizes must be > 0, got {bad[0]}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _momentum(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**40:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**40), got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (choose cpu, cuda or cuda:N)")
+    return text
+
+
+def _rules(text: str) -> list[str]:
+    from .run import RULES
+
+    rules = [r for r in text.replace(" ", "").split(",") if r]
+    for r in rules:
+        if r not in RULES:
+            raise argparse.ArgumentTypeError(f"unknown scaling rule {r!r} (choose from {', '.join(RULES)})")
+    if not rules:
+        raise argparse.ArgumentTypeError("expected at least one scaling rule")
+    return list(dict.fromkeys(rules))  # in order, without repeats
+
+
+def add_study_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "study",
+        help="measure the critical batch size and compare lr scaling rules on a small model",
+        description="Train a task at a ladder of batch sizes under each lr scaling rule (none, linear, sqrt, "
+        "noise), fit the steps/examples trade-off of McCandlish et al. 2018 and compare the fitted critical "
+        "batch size with the optimizer's online B_simple estimate. Writes report.md, results.json and plots.",
+    )
+    p.add_argument("--task", "--dataset", dest="task", choices=[*TASKS, "all"], default="all",
+                   help="digits (small CNN on scikit-learn's digits), lstsq (least squares, known noise scale), "
+                   "or all (default)")
+    p.add_argument("--model", choices=["cnn", "mlp"], default=None, help="model for the digits task (default cnn)")
+    p.add_argument("--batch-sizes", type=_positive_ints, default=None,
+                   help="comma-separated ladder (default: 8·k for k=1..7 and powers of two up to 1024)")
+    p.add_argument("--rules", type=_rules, default=None, help="comma-separated subset of none,linear,sqrt,noise")
+    p.add_argument("--base-batch-size", type=_positive_int, default=8, help="batch size the base lr is for (8)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="base learning rate at the base batch size (task default)")
+    p.add_argument("--momentum", type=_momentum, default=None, help="SGD momentum (task default 0.9)")
+    p.add_argument("--target-loss", type=_positive_float, default=None, help="held-out loss to reach (task default)")
+    p.add_argument("--max-examples", type=_positive_int, default=None, help="examples per run (task default)")
+    p.add_argument("--min-steps", type=_positive_int, default=None, help="steps per run at least (60; quick 20)")
+    p.add_argument("--warmup-examples", type=_positive_int, default=None,
+                   help="warmup length in examples (task default: digits 512, lstsq 128)")
+    p.add_argument("--micro-batches", type=_positive_int, default=2,
+                   help="micro-batches per step for the noise-scale estimate (2)")
+    p.add_argument("--noise-source", choices=["micro", "per-example"], default="micro",
+                   help="small-batch gradients for B_simple: micro-batches (default) or per-example norms")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--impl", choices=["auto", "torch", "native"], default="auto",
+                   help="fastscale kernels: auto (compiled where built), torch (pure torch), native")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (1: the models are tiny; more threads only add overhead)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed: same seed, same results.json")
+    p.add_argument("--out", default="fastscale-study", help="report folder (default ./fastscale-study)")
+    p.add_argument("--quick", action="store_true", help="a small ladder and short runs (under 40 s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run_study_command)
+    return p
+
+
+def _check_dependencies(tasks: list[str]) -> None:
+    needed = dict(DEPENDENCIES)
+    if "digits" in tasks:
+        needed["sklearn"] = "scikit-learn"
+    for module, package in needed.items():
+        try:
+            __import__(module)
+        except ImportError:
+            raise StudyError(
+                f"fastscale study needs {package}: pip install 'fastscale[study]' (or: pip install {package})"
+            ) from None
+
+
+def _prepare_out(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fastscale-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise StudyError(f"cannot write to output folder {str(out)!r}: {exc.strerror or exc}") from None
+    return out
+
+
+def _ops_description(impl: str, device: str) -> str:
+    if impl == "torch":
+        return "pure torch (--impl torch)"
+    from fastscale import _extension
+
+    compiled = _extension.native_device_types()
+    dev = device.split(":")[0]
+    return f"compiled {dev} kernels" if dev in compiled else f"pure torch ({_extension.unavailable_reason(dev)})"
+
+
+def run_study_command(args) -> int:
+    import torch
+
+    from .report import write_report
+    from .run import QUICK_BATCH_SIZES, StudyConfig, check_config, count_runs, default_batch_sizes, run_task
+
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    _check_dependencies(tasks)
+    cfg = StudyConfig(
+        tasks=tasks,
+        model=args.model,
+        batch_sizes=args.batch_sizes or (QUICK_BATCH_SIZES if args.quick else default_batch_sizes()),
+        rules=args.rules or ["none", "linear", "sqrt", "noise"],
+        base_batch_size=args.base_batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        target_loss=args.target_loss,
+        max_examples=args.max_examples,
+        min_steps=args.min_steps or (20 if args.quick else 60),
+        warmup_examples=args.warmup_examples,
+        micro_batches=args.micro_batches,
+        noise_source=args.noise_source,
+        device=args.device,
+        seed=args.seed,
+        quick=args.quick,
+        impl=args.impl,
+    )
+    check_config(cfg)
+    out = _prepare_out(args.out)
+    torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    show = not args.no_progress and sys.stderr.isatty()
+    results = {
+        "command": "fastscale " + " ".join(shlex.quote(a) for a in args.argv),
+        "config": {k: v for k, v in vars(cfg).items()},
+        "environment": {
+            "torch": torch.__version__,
+            "device": cfg.device,
+            "threads": args.threads,
+            "ops": _ops_description(cfg.impl, cfg.device),
+        },
+        "tasks": {},
+    }
+    # shutil falls back to 80×24 where a pty reports a size of 0×0, on which tqdm draws nothing.
+    size = shutil.get_terminal_size()
+    with tqdm(total=count_runs(cfg), desc="fastscale study", unit="run", disable=not show, file=sys.stderr,
+              ncols=size.columns, nrows=size.lines) as bar:
+        for name in tasks:
+            results["tasks"][name] = run_task(name, cfg, bar)
+    written = write_report(results, out, time.perf_counter() - start)
+    print(f"fastscale study: wrote {len(written)} files to {out}/ (report.md, results.json, plots) "
+          f"in {time.perf_counter() - start:.1f} s")
+    for name, res in results["tasks"].items():
+        best = res["fits"].get("best")
+        b_fit = best["b_noise"] if best else float("nan")
+        line = f"  {name}: fitted B_crit {b_fit:.3g}, online B_simple at target {res['b_simple_at_target_median'] or float('nan'):.3g}"
+        if "b_simple_true_at_target" in res:
+            line += f", true B_simple at target {res['b_simple_true_at_target'] or float('nan'):.3g}"
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = OneLineParser(prog="fastscale", description="fastscale command-line tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    add_study_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    args.argv = argv
+    _one_line_warnings()
+    try:
+        return args.handler(args)
+    except StudyError as exc:
+        print(f"fastscale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastscale {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line_warnings() -> None:
+    """Warnings (e.g. fastscale falling back to pure torch) as one line each, not two."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
