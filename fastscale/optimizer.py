@@ -50,7 +50,7 @@ class FusedScaledSGD(Optimizer):
         warmup_start_factor: multiplier of the scaled lr at step 0 (default ``1/scale``: start
             from the unscaled lr, Goyal et al. 2017).
         noise_fallback: for ``scaling="noise"``, the B_noise used until the live estimate has
-            warmed up (default None: infinite, i.e. linear scaling).
+            warmed up (default: ``base_batch_size``, a cautious scale between 1 and 2).
         noise_scale: ``True`` or a :class:`NoiseScaleConfig` to estimate the gradient noise scale.
         impl: ``"auto"`` (compiled kernels where built, else pure torch), ``"native"`` (compiled
             or error), ``"torch"`` (pure torch).
@@ -205,7 +205,8 @@ class FusedScaledSGD(Optimizer):
         scale = lr_scaling.host_scale(group)
         if scale is not None:
             return scale
-        fallback = group["noise_fallback"] or math.inf
+        # Until the estimate warms up: B_noise = base batch size, a cautious scale in [1, 2).
+        fallback = group["noise_fallback"] or group["base_batch_size"] or math.inf
         if self._estimator is None:
             raise RuntimeError('scaling="noise" needs noise_scale=True (the live B_noise estimate)')
         return lr_scaling.noise_scale_factor(group, self._estimator.b_noise(fallback))

@@ -52,7 +52,7 @@ def check_group_options(group: dict) -> None:
         raise ValueError(f"warmup_start_factor must be None or a float in [0, 1], got {start!r}")
     fallback = group["noise_fallback"]
     if fallback is not None and (not isinstance(fallback, numbers.Real) or not fallback > 0):
-        raise ValueError(f"noise_fallback must be None (linear scaling) or a float > 0, got {fallback!r}")
+        raise ValueError(f"noise_fallback must be None (the base batch size) or a float > 0, got {fallback!r}")
 
 
 def batch_ratio(group: dict) -> float:

@@ -140,7 +140,8 @@ def test_noise_rule_needs_estimator_and_uses_fallback():
     with pytest.raises(RuntimeError, match="noise_scale=True"):
         FusedScaledSGD([p], lr=0.1, batch_size=64, base_batch_size=16, scaling="noise").current_lr()
     opt = FusedScaledSGD([p], lr=0.1, batch_size=64, base_batch_size=16, scaling="noise", noise_scale=True)
-    assert opt.current_lr()[0] == pytest.approx(0.4)  # no estimate yet: linear scaling
+    # no estimate yet: B_noise = base_batch_size, a cautious scale
+    assert opt.current_lr()[0] == pytest.approx(0.1 * (1 + 16 / 16) / (1 + 16 / 64))
     opt = FusedScaledSGD(
         [p], lr=0.1, batch_size=64, base_batch_size=16, scaling="noise", noise_scale=True, noise_fallback=32.0
     )
