@@ -27,10 +27,10 @@ inline void check_same_length(const char* name, at::TensorList tensors, const ch
 }
 
 // Every tensor of `tensors` is defined, dense (strided), of a supported dtype, and shares
-// dtype and device with `ref` (the first parameter of the call); tensors[i] has the shape of
-// same_shape_as[i] when same_shape_as is given.
+// dtype and device with `ref` (the first tensor of the call, called `ref_name` in messages);
+// tensors[i] has the shape of same_shape_as[i] when same_shape_as is given.
 inline void check_tensor_list(const char* name, at::TensorList tensors, const at::Tensor& ref,
-                              at::TensorList same_shape_as = {}) {
+                              const char* ref_name, at::TensorList same_shape_as = {}) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.defined(), "fastscale: ", name, "[", i, "] is undefined (None)");
@@ -39,14 +39,14 @@ inline void check_tensor_list(const char* name, at::TensorList tensors, const at
     TORCH_CHECK(is_supported_dtype(t.scalar_type()), "fastscale: ", name, "[", i, "] has dtype ",
                 t.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
     TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastscale: ", name, "[", i, "] has dtype ",
-                t.scalar_type(), " but the first parameter has ", ref.scalar_type(),
+                t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type(),
                 "; all tensors of one call must share a dtype");
     TORCH_CHECK(t.device() == ref.device(), "fastscale: ", name, "[", i, "] is on ", t.device(),
-                " but the first parameter is on ", ref.device(),
+                " but ", ref_name, " is on ", ref.device(),
                 "; all tensors of one call must share a device");
     if (!same_shape_as.empty()) {
       TORCH_CHECK(t.sizes() == same_shape_as[i].sizes(), "fastscale: ", name, "[", i,
-                  "] has shape ", t.sizes(), " but its parameter has shape ",
+                  "] has shape ", t.sizes(), " but its counterpart has shape ",
                   same_shape_as[i].sizes());
     }
   }

@@ -254,9 +254,9 @@ def sgd_kwargs(**over):
 ERROR_CASES = {
     "grads_length": (lambda: ([torch.randn(3)], [], [torch.randn(3)], sgd_kwargs()), r"grads has 0 tensors but params has 1"),
     "buffers_length": (lambda: ([torch.randn(3)], [torch.randn(3)], [], sgd_kwargs()), r"momentum_buffers has 0 tensors but params has 1"),
-    "grad_dtype": (lambda: ([torch.randn(3)], [torch.randn(3, dtype=torch.float64)], [torch.randn(3)], sgd_kwargs()), r"grads\[0\] has dtype Double but the first parameter has Float"),
+    "grad_dtype": (lambda: ([torch.randn(3)], [torch.randn(3, dtype=torch.float64)], [torch.randn(3)], sgd_kwargs()), r"grads\[0\] has dtype Double but params\[0\] has Float"),
     "int_params": (lambda: ([torch.ones(3, dtype=torch.int32)], [torch.ones(3, dtype=torch.int32)], [], sgd_kwargs(momentum=0.0)), r"params\[0\] has dtype Int; supported are"),
-    "shape": (lambda: ([torch.randn(3)], [torch.randn(4)], [torch.randn(3)], sgd_kwargs()), r"grads\[0\] has shape \[4\] but its parameter has shape \[3\]"),
+    "shape": (lambda: ([torch.randn(3)], [torch.randn(4)], [torch.randn(3)], sgd_kwargs()), r"grads\[0\] has shape \[4\] but its counterpart has shape \[3\]"),
     "lr_shape": (lambda: ([torch.randn(3)], [torch.randn(3)], [torch.randn(3)], sgd_kwargs(lr=torch.tensor([0.1, 0.2]))), r"lr must be a 0-dim tensor"),
     "grad_scale_shape": (lambda: ([torch.randn(3)], [torch.randn(3)], [torch.randn(3)], sgd_kwargs(grad_scale=torch.tensor([2.0]))), r"grad_scale must be a 0-dim tensor"),
     "found_inf_shape": (lambda: ([torch.randn(3)], [torch.randn(3)], [torch.randn(3)], sgd_kwargs(found_inf=torch.zeros(1))), r"found_inf must be a 0-dim tensor"),
@@ -277,7 +277,7 @@ def test_fused_sgd_errors(case):
 def test_accumulate_errors():
     with pytest.raises(RuntimeError, match=r"snapshots has 1 tensors but grads has 2"):
         torch.ops.fastscale.accumulate_grad_([torch.randn(2)], [torch.randn(2), torch.randn(2)], first=True)
-    with pytest.raises(RuntimeError, match=r"snapshots\[0\] has dtype Half but the first parameter has Float"):
+    with pytest.raises(RuntimeError, match=r"snapshots\[0\] has dtype Half but grads\[0\] has Float"):
         torch.ops.fastscale.accumulate_grad_([torch.randn(2).half()], [torch.randn(2)], first=True)
     with pytest.raises(RuntimeError, match=r"snapshots\[0\] has overlapping memory"):
         torch.ops.fastscale.accumulate_grad_([torch.randn(1).expand(2)], [torch.randn(2)], first=True)

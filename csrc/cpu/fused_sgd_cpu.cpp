@@ -37,11 +37,12 @@ at::Tensor fused_sgd_cpu(at::TensorList params, at::TensorList grads,
                 " tensors; with momentum == 0 pass [] (or one per parameter, ignored)");
   }
   if (params.empty()) return at::zeros({0}, lr.options().dtype(at::kFloat));
-  checks::check_tensor_list("params", params, params[0]);
-  checks::check_tensor_list("grads", grads, params[0], params);
+  checks::check_tensor_list("params", params, params[0], "params[0]");
+  checks::check_tensor_list("grads", grads, params[0], "params[0]", params);
   checks::check_no_internal_overlap("params", params);
   if (use_momentum) {
-    checks::check_tensor_list("momentum_buffers", momentum_buffers, params[0], params);
+    checks::check_tensor_list("momentum_buffers", momentum_buffers, params[0], "params[0]",
+                              params);
     checks::check_no_internal_overlap("momentum_buffers", momentum_buffers);
   }
 

@@ -2,8 +2,9 @@
 // FASTSCALE_ISA (the namespace) and, for AVX2, the target and CPU_CAPABILITY macros before
 // any other include, so at::vec::Vectorized here is that ISA's specialisation.
 //
-// The math mirrors fastscale/reference.py operation by operation (same order, separate
-// multiply and add) so the only differences from it are rounding of reduction order.
+// The math mirrors fastscale/reference.py operation by operation (same order, same compute
+// type), so results differ from it only by rounding: the order of the norm reductions, and
+// multiply-adds the AVX2 build may fuse (fmadd) where torch rounds twice.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
