@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -66,14 +67,26 @@ inline std::vector<int64_t> chunk_starts(const std::vector<int64_t>& numels) {
 
 // run(begin, end) over chunk indices, in parallel unless the call is small. at::parallel_for
 // only threads when this file is compiled with -fopenmp (fastscale/_build_flags.py).
+// Threads take kChunksPerGrab chunks at a time from a shared counter rather than a fixed half
+// each: a thread that is descheduled (a busy machine) does not leave the other idle at the
+// end. Which thread runs a chunk never changes its result (partials are per chunk).
+constexpr int64_t kChunksPerGrab = 4;
+
 template <typename F>
 void run_chunks(int64_t num_chunks, int64_t total_numel, const F& run) {
   if (num_chunks == 0) return;
-  if (total_numel < kSerialBelow) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), num_chunks);
+  if (total_numel < kSerialBelow || threads <= 1 || at::in_parallel_region()) {
     run(0, num_chunks);
     return;
   }
-  at::parallel_for(0, num_chunks, /*grain_size=*/1, run);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, /*grain_size=*/1, [&](int64_t, int64_t) {
+    for (int64_t begin = next.fetch_add(kChunksPerGrab); begin < num_chunks;
+         begin = next.fetch_add(kChunksPerGrab)) {
+      run(begin, std::min(begin + kChunksPerGrab, num_chunks));
+    }
+  });
 }
 
 // fp32 vector of per-tensor squared norms: partials summed in chunk order, in double, so

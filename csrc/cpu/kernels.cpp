@@ -4,6 +4,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <c10/util/Exception.h>
+
 namespace fastscale::cpu {
 namespace {
 
@@ -26,6 +28,11 @@ Kernels choose() {
 }
 
 }  // namespace
+
+void unsupported_dtype(c10::ScalarType dtype) {
+  TORCH_CHECK(false, "fastscale: the CPU loops have no ", dtype, " kernel");
+  std::abort();  // unreachable: TORCH_CHECK(false, ...) throws
+}
 
 const Kernels& kernels() {
   static const Kernels chosen = choose();

@@ -58,6 +58,11 @@ struct Kernels {
   const char* isa;
 };
 
+// The loops' error path, compiled in the baseline kernels.cpp: the host checks dtypes first,
+// and an inline TORCH_CHECK in the AVX2 file could give the linker an AVX2 copy of a helper
+// that baseline code shares (see kernels_avx2.cpp).
+[[noreturn]] void unsupported_dtype(c10::ScalarType dtype);
+
 // Defined in kernels_default.cpp / kernels_avx2.cpp.
 Kernels default_kernels();
 bool avx2_kernels(Kernels* out);  // false when not compiled in (non-x86, non-GCC)

@@ -8,8 +8,10 @@
 // does not define the ISA macros from the pragma, so they are defined by hand for the headers
 // that test them (sleef.h, at::vec). CPU_CAPABILITY_AVX2 selects at::vec's AVX2 Vectorized,
 // which lives in its own inline namespace (at::vec::AVX2): no clash with the baseline copy.
-// Residual risk, as for any per-file ISA flags (PyTorch's own kernels included): inline
-// helpers from headers instantiated here may be merged by the linker with baseline copies.
+// Residual risk, as for any per-file ISA flags (PyTorch's own kernels included): an inline
+// helper from a header instantiated here and in a baseline file is merged by the linker, which
+// may keep this AVX2 copy. Checked with nm: this object shares no such function with the others
+// (the error path was moved out for that reason; see unsupported_dtype in kernels.h).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC target("avx,avx2,fma,f16c")
 #define __AVX__ 1

@@ -8,7 +8,6 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include "cpu/kernels.h"
@@ -182,7 +181,7 @@ void sgd_chunks(c10::ScalarType dtype, const SgdHyper& h, const SgdChunk* chunks
     case c10::ScalarType::Double: return sgd_chunks_typed<double>(h, chunks, n, partial);
     case c10::ScalarType::Half: return sgd_chunks_typed<c10::Half>(h, chunks, n, partial);
     case c10::ScalarType::BFloat16: return sgd_chunks_typed<c10::BFloat16>(h, chunks, n, partial);
-    default: TORCH_CHECK(false, "fastscale: unsupported dtype ", dtype);
+    default: unsupported_dtype(dtype);
   }
 }
 
@@ -195,7 +194,7 @@ void accumulate_chunks(c10::ScalarType dtype, bool first, const AccumulateChunk*
       return accumulate_chunks_typed<c10::Half>(first, chunks, n, partial);
     case c10::ScalarType::BFloat16:
       return accumulate_chunks_typed<c10::BFloat16>(first, chunks, n, partial);
-    default: TORCH_CHECK(false, "fastscale: unsupported dtype ", dtype);
+    default: unsupported_dtype(dtype);
   }
 }
 
