@@ -8,6 +8,8 @@ import os
 
 def cxx_flags() -> list[str]:
     # -fopenmp: at::parallel_for is header code that only runs threads when compiled with OpenMP.
+    # No -m ISA flags: the AVX2 loops get their ISA from a pragma in csrc/cpu/kernels_avx2.cpp
+    # and are chosen at run time, so one flag list serves setup.py and the first-use compile.
     return ["-O3", "-fopenmp"]
 
 

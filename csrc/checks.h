@@ -1,0 +1,83 @@
+// Input checks shared by the CPU and CUDA kernels of fastscale's ops.
+//
+// Device-agnostic on purpose (only ATen's Tensor API, no device headers): csrc/cpu/ and
+// csrc/cuda/ both include it, so the two backends reject the same inputs with the same
+// messages. Every message names the argument (and the list index) it is about.
+#pragma once
+
+#include <string>
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/ArrayRef.h>
+
+namespace fastscale::checks {
+
+// The dtypes the kernels are compiled for; fp16/bf16 are computed in fp32.
+inline bool is_supported_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+         dtype == at::kBFloat16;
+}
+
+inline void check_same_length(const char* name, at::TensorList tensors, const char* ref_name,
+                              at::TensorList ref) {
+  TORCH_CHECK(tensors.size() == ref.size(), "fastscale: ", name, " has ", tensors.size(),
+              " tensors but ", ref_name, " has ", ref.size(), "; they must be the same length");
+}
+
+// Every tensor of `tensors` is defined, dense (strided), of a supported dtype, and shares
+// dtype and device with `ref` (the first tensor of the call, called `ref_name` in messages);
+// tensors[i] has the shape of same_shape_as[i] when same_shape_as is given.
+inline void check_tensor_list(const char* name, at::TensorList tensors, const at::Tensor& ref,
+                              const char* ref_name, at::TensorList same_shape_as = {}) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined(), "fastscale: ", name, "[", i, "] is undefined (None)");
+    TORCH_CHECK(t.layout() == at::kStrided, "fastscale: ", name, "[", i, "] has layout ",
+                t.layout(), "; sparse and other non-strided tensors are not supported");
+    TORCH_CHECK(is_supported_dtype(t.scalar_type()), "fastscale: ", name, "[", i, "] has dtype ",
+                t.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
+    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastscale: ", name, "[", i, "] has dtype ",
+                t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type(),
+                "; all tensors of one call must share a dtype");
+    TORCH_CHECK(t.device() == ref.device(), "fastscale: ", name, "[", i, "] is on ", t.device(),
+                " but ", ref_name, " is on ", ref.device(),
+                "; all tensors of one call must share a device");
+    if (!same_shape_as.empty()) {
+      TORCH_CHECK(t.sizes() == same_shape_as[i].sizes(), "fastscale: ", name, "[", i,
+                  "] has shape ", t.sizes(), " but its counterpart has shape ",
+                  same_shape_as[i].sizes());
+    }
+  }
+}
+
+// A tensor of a written list must not overlap itself: writing an expanded view (stride 0) would
+// race and its result is undefined.
+inline void check_no_internal_overlap(const char* name, at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, "fastscale: ",
+                name, "[", i, "] has overlapping memory (an expanded view?) and is written; "
+                "pass a tensor whose elements each have their own memory");
+  }
+}
+
+// lr, grad_scale, found_inf: per-step scalars passed as tensors (no recompiles, no host sync
+// on the device that owns them). 0-dim; lr may also be a 1-element tensor.
+inline void check_scalar_tensor(const char* name, const at::Tensor& t, const at::Device& device,
+                                bool allow_one_element, bool allow_bool) {
+  TORCH_CHECK(t.defined(), "fastscale: ", name, " is undefined");
+  TORCH_CHECK(t.layout() == at::kStrided, "fastscale: ", name, " must be a dense tensor");
+  const bool shape_ok = t.dim() == 0 || (allow_one_element && t.numel() == 1);
+  TORCH_CHECK(shape_ok, "fastscale: ", name, " must be a 0-dim tensor",
+              allow_one_element ? " (or have exactly one element)" : "", ", got shape ",
+              t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) || (allow_bool && t.scalar_type() == at::kBool),
+              "fastscale: ", name, " must be a floating-point", allow_bool ? " or bool" : "",
+              " tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device || t.device().is_cpu(), "fastscale: ", name, " is on ",
+              t.device(), " but the parameters are on ", device,
+              "; it must be on the parameters' device or on the CPU");
+}
+
+}  // namespace fastscale::checks

@@ -1,0 +1,446 @@
+"""The compiled CPU kernels (csrc/cpu/) against the pure-torch oracle (fastscale/reference.py).
+
+``torch.ops.fastscale.*`` dispatches to the C++ CPU kernel once the extension is loaded; the
+oracle is called directly. Every test of the compiled op skips when the extension is not
+loaded (otherwise both sides would be the oracle); CI builds it (.ci/run) and sets
+FASTSCALE_REQUIRE_NATIVE=1, which turns "not loaded" into a failure.
+
+Tolerances (compared in fp64), and why:
+- parameters / buffers: fp64 1e-12; fp32 rtol 2e-6 (the kernel may fuse a multiply-add the
+  oracle rounds twice: an ulp or two); fp16 / bf16: one ulp of the storage type (rtol = eps,
+  atol = 1e-5): both compute in fp32 and round once, so they differ only where an fp32 ulp
+  flips the final rounding.
+- norms (returned in fp32): 2e-5 relative for fp32/fp16/bf16 (fp32 sums in a different order
+  than torch._foreach_norm, which also returns the norm, not its square); 1e-6 for fp64
+  (both sum in fp64 and round once to fp32).
+- snapshots written by accumulate_grad_: bit-exact (a copy).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastscale
+from fastscale import reference
+
+NATIVE = fastscale._extension.load() and "cpu" in fastscale._extension.native_device_types()
+pytestmark = pytest.mark.skipif(
+    not NATIVE, reason=f"fastscale CPU kernels not loaded: {fastscale.build_info()}"
+)
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+CHUNK = 1 << 14  # csrc/cpu/kernels.h kChunk
+TENSOR_TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=2e-6, atol=1e-6),
+    torch.float16: dict(rtol=torch.finfo(torch.float16).eps, atol=1e-5),
+    torch.bfloat16: dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-5),
+}
+NORM_TOL = {
+    torch.float64: dict(rtol=1e-6, atol=0),
+    torch.float32: dict(rtol=2e-5, atol=0),
+    torch.float16: dict(rtol=2e-5, atol=0),
+    torch.bfloat16: dict(rtol=2e-5, atol=0),
+}
+SMALL_SHAPES = [(), (0,), (1,), (7,), (3, 5), (4097,), (CHUNK + 1,)]
+
+
+def rand(shapes, dtype):
+    # Fresh random values, never zeros (a kernel that writes nothing must fail the tests).
+    return [torch.randn(s, dtype=dtype) for s in shapes]
+
+
+def clones(tensors):
+    return [t.clone() for t in tensors]
+
+
+def assert_tensors(actual, expected, dtype, what):
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a.double(), e.double(), **TENSOR_TOL[dtype], msg=lambda m: f"{what}[{i}]: {m}")
+
+
+def assert_norms(actual, expected, dtype):
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, **NORM_TOL[dtype])
+
+
+def run_sgd(shapes, dtype, *, momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
+            weight_decay=0.0, is_first_step=False, grad_scale=None, found_inf=None, lr=0.05):
+    """One step of the compiled op and of the oracle on identical fresh inputs; checks all."""
+    params, grads = rand(shapes, dtype), rand(shapes, dtype)
+    bufs = rand(shapes, dtype) if momentum != 0 else []
+    kwargs = dict(lr=torch.tensor(lr), weight_decay=weight_decay, momentum=momentum,
+                  dampening=dampening, nesterov=nesterov, maximize=maximize,
+                  is_first_step=is_first_step,
+                  grad_scale=None if grad_scale is None else torch.tensor(grad_scale),
+                  found_inf=None if found_inf is None else torch.tensor(found_inf))
+    ref_params, ref_bufs, grads_before = clones(params), clones(bufs), clones(grads)
+    params_before, bufs_before = clones(params), clones(bufs)
+    norms = torch.ops.fastscale.fused_sgd_(params, grads, bufs, **kwargs)
+    ref_norms = reference.fused_sgd_(ref_params, grads, ref_bufs, **kwargs)
+    assert_norms(norms, ref_norms, dtype)
+    assert_tensors(params, ref_params, dtype, "params")
+    assert_tensors(bufs, ref_bufs, dtype, "momentum_buffers")
+    for g, g0 in zip(grads, grads_before):
+        assert torch.equal(g, g0), "grads must never be written"
+    if found_inf:
+        assert all(torch.equal(a, b) for a, b in zip(params + bufs, params_before + bufs_before))
+    elif dtype in (torch.float32, torch.float64) and any(p.numel() for p in params):
+        assert not all(torch.equal(a, b) for a, b in zip(params, params_before)), "nothing written"
+    return norms
+
+
+def sgd_configs():
+    """Every hyper-parameter combination that means something different."""
+    momentum_cfgs = [(0.0, 0.0, False, False)] + list(itertools.product([0.9], [0.0, 0.3], [False, True], [False, True]))
+    for (mom, damp, nest, first), maximize, wd, gs, fi in itertools.product(
+        momentum_cfgs, [False, True], [0.0, 0.01], [None, 4.0], [None, 0.0, 1.0]
+    ):
+        yield dict(momentum=mom, dampening=damp, nesterov=nest, is_first_step=first,
+                   maximize=maximize, weight_decay=wd, grad_scale=gs, found_inf=fi)
+
+
+def config_id(cfg):
+    return "-".join(f"{k}={v}" for k, v in cfg.items())
+
+
+@pytest.mark.parametrize("cfg", list(sgd_configs()), ids=config_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_sgd_every_config(dtype, cfg):
+    run_sgd(SMALL_SHAPES, dtype, **cfg)
+
+
+SHAPE_SETS = {
+    "one": [(1,)],
+    "seven": [(7,)],
+    "4097": [(4097,)],
+    "65537": [(65537,)],
+    "chunk_edges": [(CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (2 * CHUNK + 3,)],
+    "zero_dim": [(), ()],
+    "empty": [(0,), (3, 0)],
+    "tiny_x150": [(int(n),) for n in torch.randint(0, 20, (150,), generator=torch.Generator().manual_seed(0))],
+    "big_and_tiny": [(70_001,), (3,), (), (40_000,), (0,), (1,)] * 3,  # parallel path
+}
+
+
+@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_sgd_shapes(dtype, shapes):
+    run_sgd(shapes, dtype, momentum=0.9, dampening=0.1, weight_decay=0.01, grad_scale=2.0)
+    run_sgd(shapes, dtype, momentum=0.0, maximize=True)
+
+
+def test_fused_sgd_empty_list():
+    norms = torch.ops.fastscale.fused_sgd_([], [], [], lr=torch.tensor(0.1), weight_decay=0.0, momentum=0.9,
+                                           dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+    assert norms.shape == (0,) and norms.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_sgd_many_steps(dtype):
+    """First step creates the buffers, later steps read them: compared at every step."""
+    shapes = [(5, 3), (4097,), ()]
+    params = rand(shapes, dtype)
+    bufs = [torch.empty_like(p) for p in params]
+    ref_params, ref_bufs = clones(params), clones(bufs)
+    for step in range(4):
+        grads = rand(shapes, dtype)
+        kw = dict(lr=torch.tensor(0.1 / (step + 1)), weight_decay=1e-3, momentum=0.9, dampening=0.0,
+                  nesterov=True, maximize=False, is_first_step=step == 0)
+        assert_norms(torch.ops.fastscale.fused_sgd_(params, grads, bufs, **kw),
+                     reference.fused_sgd_(ref_params, grads, ref_bufs, **kw), dtype)
+        assert_tensors(params, ref_params, dtype, f"params step {step}")
+        assert_tensors(bufs, ref_bufs, dtype, f"bufs step {step}")
+
+
+@pytest.mark.parametrize("value", [True, False, float("nan"), 0.5], ids=str)
+def test_found_inf_values(value):
+    """Any non-zero (NaN included) skips the update, bool or float, as the oracle does."""
+    dtype = torch.bool if isinstance(value, bool) else torch.float32
+    params, grads, bufs = rand([(9,)], torch.float32), rand([(9,)], torch.float32), rand([(9,)], torch.float32)
+    before = clones(params + bufs)
+    ref_params, ref_bufs = clones(params), clones(bufs)
+    kw = dict(lr=torch.tensor(0.1), weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False,
+              maximize=False, is_first_step=False, found_inf=torch.tensor(value, dtype=dtype))
+    torch.ops.fastscale.fused_sgd_(params, grads, bufs, **kw)
+    reference.fused_sgd_(ref_params, grads, ref_bufs, **kw)
+    assert_tensors(params + bufs, ref_params + ref_bufs, torch.float32, "state")
+    assert all(torch.equal(a, b) for a, b in zip(params + bufs, before)) == (value is not False)
+
+
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_lr_dtypes_and_one_element(lr_dtype):
+    for lr in (torch.tensor(0.3, dtype=lr_dtype), torch.tensor([0.3], dtype=lr_dtype)):
+        params, grads = rand([(33,)], torch.float32), rand([(33,)], torch.float32)
+        ref = clones(params)
+        kw = dict(lr=lr, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False,
+                  is_first_step=False)
+        torch.ops.fastscale.fused_sgd_(params, grads, [], **kw)
+        # The oracle takes 0-dim lr only; the kernel also accepts a 1-element lr.
+        reference.fused_sgd_(ref, grads, [], **dict(kw, lr=lr.reshape(())))
+        assert_tensors(params, ref, torch.float32, "params")
+
+
+# ---- layouts: dense non-contiguous tensors run in place; others through a written-back copy.
+
+def layouts(dtype):
+    return {
+        "transposed": lambda: torch.randn(10, 6, dtype=dtype).t(),
+        "strided_slice": lambda: torch.randn(6, 20, dtype=dtype)[:, ::2],
+        "channels_last": lambda: torch.randn(2, 3, 4, 5, dtype=dtype).contiguous(memory_format=torch.channels_last),
+        "contiguous": lambda: torch.randn(6, 10, dtype=dtype),
+    }
+
+
+@pytest.mark.parametrize("param_layout", ["transposed", "strided_slice", "channels_last", "contiguous"])
+@pytest.mark.parametrize("grad_layout", ["transposed", "strided_slice", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_sgd_layouts(dtype, param_layout, grad_layout):
+    make = layouts(dtype)
+    p = make[param_layout]()
+    g = make[grad_layout]() if p.dim() == 2 else torch.randn_like(p)
+    b = make[param_layout]()
+    p_storage, b_storage = p.data_ptr(), b.data_ptr()
+    ref_p, ref_b = p.clone(), b.clone()
+    kw = dict(lr=torch.tensor(0.1), weight_decay=0.1, momentum=0.9, dampening=0.0, nesterov=False,
+              maximize=False, is_first_step=False)
+    norms = torch.ops.fastscale.fused_sgd_([p], [g], [b], **kw)
+    ref_norms = reference.fused_sgd_([ref_p], [g], [ref_b], **kw)
+    assert_norms(norms, ref_norms, dtype)
+    assert_tensors([p, b], [ref_p, ref_b], dtype, "state")
+    assert p.data_ptr() == p_storage and b.data_ptr() == b_storage  # updated where they live
+
+
+@pytest.mark.parametrize("grad_layout", ["transposed", "strided_slice", "contiguous"])
+def test_accumulate_layouts(grad_layout):
+    make = layouts(torch.float32)
+    g = make[grad_layout]()
+    s = make["strided_slice"]()
+    ref_s = s.clone()
+    assert_norms(torch.ops.fastscale.accumulate_grad_([s], [g], first=False),
+                 reference.accumulate_grad_([ref_s], [g], first=False), torch.float32)
+    assert torch.equal(s, g) and torch.equal(ref_s, g)
+
+
+def test_expanded_grad_is_read_fine():
+    p, b = torch.randn(4, 5), torch.randn(4, 5)
+    g = torch.randn(5).expand(4, 5)
+    ref_p, ref_b = p.clone(), b.clone()
+    kw = dict(lr=torch.tensor(0.1), weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False,
+              maximize=False, is_first_step=False)
+    assert_norms(torch.ops.fastscale.fused_sgd_([p], [g], [b], **kw),
+                 reference.fused_sgd_([ref_p], [g], [ref_b], **kw), torch.float32)
+    assert_tensors([p, b], [ref_p, ref_b], torch.float32, "state")
+
+
+# ---- errors: clear messages naming the argument.
+
+def sgd_kwargs(**over):
+    kw = dict(lr=torch.tensor(0.1), weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False,
+              maximize=False, is_first_step=False)
+    kw.update(over)
+    return kw
+
+
+ERROR_CASES = {
+    "grads_length": (lambda: ([torch.randn(3)], [], [torch.randn(3)], sgd_kwargs()), r"grads has 0 tensors but params has 1"),
+    "buffers_length": (lambda: ([torch.randn(3)], [torch.randn(3)], [], sgd_kwargs()), r"momentum_buffers has 0 tensors but params has 1"),
+    "grad_dtype": (lambda: ([torch.randn(3)], [torch.randn(3, dtype=torch.float64)], [torch.randn(3)], sgd_kwargs()), r"grads\[0\] has dtype Double but params\[0\] has Float"),
+    "int_params": (lambda: ([torch.ones(3, dtype=torch.int32)], [torch.ones(3, dtype=torch.int32)], [], sgd_kwargs(momentum=0.0)), r"params\[0\] has dtype Int; supported are"),
+    "shape": (lambda: ([torch.randn(3)], [torch.randn(4)], [torch.randn(3)], sgd_kwargs()), r"grads\[0\] has shape \[4\] but its counterpart has shape \[3\]"),
+    "lr_shape": (lambda: ([torch.randn(3)], [torch.randn(3)], [torch.randn(3)], sgd_kwargs(lr=torch.tensor([0.1, 0.2]))), r"lr must be a 0-dim tensor"),
+    "grad_scale_shape": (lambda: ([torch.randn(3)], [torch.randn(3)], [torch.randn(3)], sgd_kwargs(grad_scale=torch.tensor([2.0]))), r"grad_scale must be a 0-dim tensor"),
+    "found_inf_shape": (lambda: ([torch.randn(3)], [torch.randn(3)], [torch.randn(3)], sgd_kwargs(found_inf=torch.zeros(1))), r"found_inf must be a 0-dim tensor"),
+    "expanded_param": (lambda: ([torch.randn(1).expand(3)], [torch.randn(3)], [torch.randn(3)], sgd_kwargs()), r"params\[0\] has overlapping memory"),
+}
+
+
+# A sparse tensor never reaches the CPU kernel: the dispatcher sends it to SparseCPU, where the
+# pure-torch default kernel runs (and torch raises); csrc/checks.h still rejects it by name.
+@pytest.mark.parametrize("case", ERROR_CASES.values(), ids=ERROR_CASES.keys())
+def test_fused_sgd_errors(case):
+    make, message = case
+    params, grads, bufs, kw = make()
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastscale.fused_sgd_(params, grads, bufs, **kw)
+
+
+def test_accumulate_errors():
+    with pytest.raises(RuntimeError, match=r"snapshots has 1 tensors but grads has 2"):
+        torch.ops.fastscale.accumulate_grad_([torch.randn(2)], [torch.randn(2), torch.randn(2)], first=True)
+    with pytest.raises(RuntimeError, match=r"snapshots\[0\] has dtype Half but grads\[0\] has Float"):
+        torch.ops.fastscale.accumulate_grad_([torch.randn(2).half()], [torch.randn(2)], first=True)
+    with pytest.raises(RuntimeError, match=r"snapshots\[0\] has overlapping memory"):
+        torch.ops.fastscale.accumulate_grad_([torch.randn(1).expand(2)], [torch.randn(2)], first=True)
+
+
+# ---- accumulate_grad_
+
+@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_accumulate_grad(dtype, first, shapes):
+    grads = rand(shapes, dtype)
+    snaps = rand(shapes, dtype)
+    ref_snaps, grads_before = clones(snaps), clones(grads)
+    norms = torch.ops.fastscale.accumulate_grad_(snaps, grads, first=first)
+    ref_norms = reference.accumulate_grad_(ref_snaps, grads, first=first)
+    assert_norms(norms, ref_norms, dtype)
+    for s, g, g0 in zip(snaps, grads, grads_before):
+        assert torch.equal(s, g), "snapshot must be an exact copy of the grad"
+        assert torch.equal(g, g0), "grads must never be written"
+
+
+def test_accumulate_empty_list():
+    norms = torch.ops.fastscale.accumulate_grad_([], [], first=False)
+    assert norms.shape == (0,) and norms.dtype == torch.float32
+
+
+# ---- determinism: the reduction must not depend on the number of threads.
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norms_independent_of_thread_count(dtype):
+    shapes = [(300_001,), (5,), (70_000,), ()]
+    grads, params, bufs = rand(shapes, dtype), rand(shapes, dtype), rand(shapes, dtype)
+    kw = sgd_kwargs(weight_decay=0.01)
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            p, b = clones(params), clones(bufs)
+            n = torch.ops.fastscale.fused_sgd_(p, grads, b, **kw)
+            a = torch.ops.fastscale.accumulate_grad_(clones(bufs), grads, first=False)
+            outs.append((n, a, p, b))
+    finally:
+        torch.set_num_threads(old)
+    for n, a, p, b in outs[1:]:
+        assert torch.equal(n, outs[0][0]) and torch.equal(a, outs[0][1])
+        assert all(torch.equal(x, y) for x, y in zip(p + b, outs[0][2] + outs[0][3]))
+
+
+# ---- property-based: random lists of sizes and random hyper-parameters.
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(0, 3 * CHUNK), min_size=1, max_size=6),
+    dtype=st.sampled_from(DTYPES),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    dampening=st.floats(0.0, 0.9),
+    nesterov=st.booleans(),
+    maximize=st.booleans(),
+    weight_decay=st.floats(0.0, 0.1),
+    is_first_step=st.booleans(),
+    grad_scale=st.one_of(st.none(), st.floats(0.25, 1024.0)),
+    lr=st.floats(1e-4, 1.0),
+)
+def test_fused_sgd_property(sizes, dtype, momentum, dampening, nesterov, maximize, weight_decay,
+                            is_first_step, grad_scale, lr):
+    torch.manual_seed(len(sizes) * 7919 + sum(sizes))
+    run_sgd([(n,) for n in sizes], dtype, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            maximize=maximize, weight_decay=weight_decay, is_first_step=is_first_step,
+            grad_scale=grad_scale, lr=lr)
+
+
+# ---- the op contract: opcheck, torch.compile.
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_opcheck_fused_sgd(dtype):
+    shapes = [(5, 3), (), (0,), (4097,)]
+    args = (rand(shapes, dtype), rand(shapes, dtype), rand(shapes, dtype))
+    kwargs = sgd_kwargs(weight_decay=0.01, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+    torch.library.opcheck(torch.ops.fastscale.fused_sgd_.default, args, kwargs)
+    torch.library.opcheck(torch.ops.fastscale.fused_sgd_.default, (args[0], args[1], []),
+                          sgd_kwargs(momentum=0.0))
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_opcheck_accumulate_grad(first):
+    shapes = [(5, 3), (), (0,), (4097,)]
+    torch.library.opcheck(torch.ops.fastscale.accumulate_grad_.default,
+                          (rand(shapes, torch.float32), rand(shapes, torch.float32)), dict(first=first))
+
+
+def test_compile_does_not_recompile_when_lr_changes():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(params, grads, bufs, lr):
+        return torch.ops.fastscale.fused_sgd_(params, grads, bufs, **sgd_kwargs(lr=lr))
+
+    shapes = [(8,), (3, 3)]
+    params, bufs = rand(shapes, torch.float32), rand(shapes, torch.float32)
+    ref_params, ref_bufs = clones(params), clones(bufs)
+    for lr in (0.1, 0.05, 0.01, 0.2):
+        grads = rand(shapes, torch.float32)
+        lr_t = torch.tensor(lr)
+        assert_norms(step(params, grads, bufs, lr_t),
+                     reference.fused_sgd_(ref_params, grads, ref_bufs, **sgd_kwargs(lr=lr_t)), torch.float32)
+        assert_tensors(params + bufs, ref_params + ref_bufs, torch.float32, "state")
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} compiles for 4 lr values"
+
+
+def test_compile_aot_eager_applies_mutations():
+    """Through functionalization and the fake kernel, the in-place writes still land."""
+    torch._dynamo.reset()
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(params, grads, bufs, snaps, lr):
+        n = torch.ops.fastscale.fused_sgd_(params, grads, bufs, **sgd_kwargs(lr=lr))
+        return n, torch.ops.fastscale.accumulate_grad_(snaps, grads, first=True)
+
+    shapes = [(8,), (3, 3)]
+    params, grads, bufs, snaps = (rand(shapes, torch.float32) for _ in range(4))
+    ref_params, ref_bufs = clones(params), clones(bufs)
+    n, a = step(params, grads, bufs, snaps, torch.tensor(0.1))
+    assert_norms(n, reference.fused_sgd_(ref_params, grads, ref_bufs, **sgd_kwargs(lr=torch.tensor(0.1))), torch.float32)
+    assert_tensors(params + bufs, ref_params + ref_bufs, torch.float32, "state")
+    assert all(torch.equal(s, g) for s, g in zip(snaps, grads))
+
+
+# ---- the baseline (non-AVX2) loops, forced in a fresh process (the choice is made once).
+
+_BASELINE_SCRIPT = r"""
+import torch, fastscale
+from fastscale import reference
+assert fastscale._extension.load()
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    shapes = [(), (0,), (7,), (16385,), (40000,)]
+    p = [torch.randn(s, dtype=dtype) for s in shapes]; g = [torch.randn_like(x) for x in p]
+    b = [torch.randn_like(x) for x in p]; rp = [x.clone() for x in p]; rb = [x.clone() for x in b]
+    kw = dict(lr=torch.tensor(0.1), weight_decay=0.01, momentum=0.9, dampening=0.1, nesterov=True,
+              maximize=True, is_first_step=False, grad_scale=torch.tensor(2.0))
+    n = torch.ops.fastscale.fused_sgd_(p, g, b, **kw); rn = reference.fused_sgd_(rp, g, rb, **kw)
+    torch.testing.assert_close(n, rn, rtol=2e-5, atol=0)
+    eps = torch.finfo(dtype).eps if dtype in (torch.float16, torch.bfloat16) else 2e-6
+    for x, y in zip(p + b, rp + rb):
+        torch.testing.assert_close(x.double(), y.double(), rtol=eps, atol=1e-5)
+    s = [torch.randn_like(x) for x in g]; rs = [x.clone() for x in s]
+    torch.testing.assert_close(torch.ops.fastscale.accumulate_grad_(s, g, first=False),
+                               reference.accumulate_grad_(rs, g, first=False), rtol=2e-5, atol=0)
+    assert all(torch.equal(x, y) for x, y in zip(s, g))
+print("ok")
+"""
+
+
+def test_baseline_isa_loops():
+    env = dict(os.environ, FASTSCALE_CPU_ISA="default")
+    out = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_build_info_reports_cpu():
+    assert fastscale.build_info().split(";")[0].split(",")[0] == "cpu"
