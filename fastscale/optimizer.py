@@ -154,6 +154,7 @@ class FusedScaledSGD(Optimizer):
                 self._param_index[p] = len(self._param_index)
         self._index_cache: dict[tuple, Tensor] = {}
         self._all_present = None
+        self._plans: dict[tuple, list] = {}  # bucketing of a set of parameters, see _buckets
         self._lr_cache: dict[int, tuple] = {}
         if self._estimator is not None:
             self._estimator.resize(len(self._param_index))
@@ -245,7 +246,7 @@ class FusedScaledSGD(Optimizer):
         norms, positions = [], []
         for index, group in enumerate(self.param_groups):
             lr = self._effective_lr(index, group)
-            for (device, _), (params, grads, positions_) in self._buckets(group).items():
+            for device, params, grads, positions_ in self._buckets(group):
                 on_device = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
                 kwargs = dict(
                     lr=on_device(lr),
@@ -262,25 +263,31 @@ class FusedScaledSGD(Optimizer):
                     norms.append(fused_sgd_(params, grads, [], is_first_step=False, **kwargs))
                     positions += positions_
                     continue
+                states = [self.state[p] for p in params]
+                bufs = [state.get("momentum_buffer") for state in states]
+                new = [i for i, b in enumerate(bufs) if b is None]
+                if not new:
+                    norms.append(fused_sgd_(params, grads, bufs, is_first_step=False, **kwargs))
+                    positions += positions_
+                    continue
                 # torch's fused SGD treats a group as "first step" only when no buffer exists and
                 # raises when some do; here parameters without a buffer get theirs this step.
-                old = [i for i, p in enumerate(params) if "momentum_buffer" in self.state[p]]
-                new = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
+                old = [i for i, b in enumerate(bufs) if b is not None]
                 for first, part in ((False, old), (True, new)):
                     if not part:
                         continue
                     ps = [params[i] for i in part]
                     if first:
-                        bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in ps]
+                        part_bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in ps]
                     else:
-                        bufs = [self.state[p]["momentum_buffer"] for p in ps]
-                    norms.append(fused_sgd_(ps, [grads[i] for i in part], bufs, is_first_step=first, **kwargs))
+                        part_bufs = [bufs[i] for i in part]
+                    norms.append(fused_sgd_(ps, [grads[i] for i in part], part_bufs, is_first_step=first, **kwargs))
                     positions += [positions_[i] for i in part]
                     # A step skipped for an AMP overflow leaves no buffer behind (torch's fused
                     # SGD keeps uninitialised ones). Only buffer-creating steps read the flag.
                     if first and not _skipped_on_host(kwargs["found_inf"]):
-                        for p, b in zip(ps, bufs):
-                            self.state[p]["momentum_buffer"] = b
+                        for i, b in zip(part, part_bufs):
+                            states[i]["momentum_buffer"] = b
         self._record_statistics(norms, positions, found_inf)
         if found_inf is None:
             step_count.add_(1)
@@ -288,25 +295,32 @@ class FusedScaledSGD(Optimizer):
             step_count.add_(1 - found_inf.to(device=step_count.device, dtype=step_count.dtype))
         return loss
 
-    def _buckets(self, group: dict) -> dict:
-        """Parameters with gradients, by (device, dtype): one op call each."""
-        buckets = defaultdict(lambda: ([], [], []))
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
+    def _buckets(self, group: dict) -> list:
+        """(device, params, grads, positions) for each (device, dtype) among the parameters
+        with gradients: one op call each. The split is cached per set of parameters."""
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        dtypes = tuple(p.dtype for p in params)
+        for p, g, dtype in zip(params, grads, dtypes):
+            if g.is_sparse:
                 raise RuntimeError("FusedScaledSGD does not support sparse gradients")
-            if p.dtype not in _DTYPES or grad.dtype != p.dtype:
+            if dtype not in _DTYPES or g.dtype != dtype:
                 raise TypeError(
                     f"FusedScaledSGD supports parameters and gradients of one dtype among "
-                    f"{[str(d) for d in _DTYPES]}; got parameter {p.dtype}, gradient {grad.dtype}"
+                    f"{[str(d) for d in _DTYPES]}; got parameter {dtype}, gradient {g.dtype}"
                 )
-            params, grads, positions = buckets[(p.device, p.dtype)]
-            params.append(p)
-            grads.append(grad)
-            positions.append(self._param_index[p])
-        return buckets
+        key = (tuple(map(id, params)), dtypes)
+        plan = self._plans.get(key)
+        if plan is None:
+            split = defaultdict(list)
+            for i, p in enumerate(params):
+                split[(p.device, p.dtype)].append(i)
+            plan = self._plans[key] = [
+                (device, idx, [self._param_index[params[i]] for i in idx]) for (device, _), idx in split.items()
+            ]
+        if len(plan) == 1:
+            return [(plan[0][0], params, grads, plan[0][2])]
+        return [(device, [params[i] for i in idx], [grads[i] for i in idx], pos) for device, idx, pos in plan]
 
     # ----------------------------------------------------------------- statistics
     def _reset_pending(self) -> None:
@@ -390,12 +404,12 @@ class FusedScaledSGD(Optimizer):
         first = self._micro is None
         positions, norms = [], []
         for group in self.param_groups:
-            for (device, _), (params, grads, positions_) in self._buckets(group).items():
+            for device, params, grads, positions_ in self._buckets(group):
                 if first:
                     snaps = []
                     for p in params:
                         snap = self._snapshots.get(p)
-                        if snap is None or snap.shape != p.shape:
+                        if snap is None or snap.shape != p.shape or snap.dtype != p.dtype:
                             snap = self._snapshots[p] = torch.empty_like(p)
                         snaps.append(snap)
                 else:
