@@ -128,6 +128,7 @@ class FusedScaledSGD(Optimizer):
         super().__init__(params, defaults)
         # GradScaler passes grad_scale/found_inf to step() instead of unscaling and syncing.
         self._step_supports_amp_scaling = True
+        self._ensure_state()  # device state exists before any step, compiled or not
 
     # ----------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
