@@ -11,7 +11,7 @@ SIZES = {  # name: (total parameters, tensors)
     "25M-200": (25_000_000, 200),
     "100M-200": (100_000_000, 200),
 }
-ROUNDS = {"1M-100": 60, "25M-200": 12, "100M-200": 5}
+ROUNDS = {"1M-100": 200, "25M-200": 20, "100M-200": 7}
 BYTES_PER_ELEMENT = 20  # fp32 SGD with momentum: read grad, param, buffer; write param, buffer
 
 
