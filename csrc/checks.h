@@ -5,6 +5,7 @@
 // messages. Every message names the argument (and the list index) it is about.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include <ATen/MemoryOverlap.h>
@@ -72,12 +73,49 @@ inline void check_scalar_tensor(const char* name, const at::Tensor& t, const at:
   TORCH_CHECK(shape_ok, "fastscale: ", name, " must be a 0-dim tensor",
               allow_one_element ? " (or have exactly one element)" : "", ", got shape ",
               t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()) || (allow_bool && t.scalar_type() == at::kBool),
-              "fastscale: ", name, " must be a floating-point", allow_bool ? " or bool" : "",
-              " tensor, got ", t.scalar_type());
+  TORCH_CHECK(is_supported_dtype(t.scalar_type()) || (allow_bool && t.scalar_type() == at::kBool),
+              "fastscale: ", name, " must be a float32/float64/float16/bfloat16",
+              allow_bool ? " or bool" : "", " tensor, got ", t.scalar_type());
   TORCH_CHECK(t.device() == device || t.device().is_cpu(), "fastscale: ", name, " is on ",
               t.device(), " but the parameters are on ", device,
               "; it must be on the parameters' device or on the CPU");
+}
+
+// Every input of fastscale::fused_sgd_, checked alike by the CPU and the CUDA kernel.
+inline void check_fused_sgd_inputs(at::TensorList params, at::TensorList grads,
+                                   at::TensorList momentum_buffers, const at::Tensor& lr,
+                                   double momentum, const std::optional<at::Tensor>& grad_scale,
+                                   const std::optional<at::Tensor>& found_inf) {
+  const at::Device device = params.empty() ? lr.device() : params[0].device();
+  check_scalar_tensor("lr", lr, device, /*allow_one_element=*/true, /*allow_bool=*/false);
+  if (grad_scale) check_scalar_tensor("grad_scale", *grad_scale, device, false, false);
+  if (found_inf) check_scalar_tensor("found_inf", *found_inf, device, false, true);
+  check_same_length("grads", grads, "params", params);
+  const bool use_momentum = momentum != 0;
+  if (use_momentum) {
+    check_same_length("momentum_buffers", momentum_buffers, "params", params);
+  } else {
+    TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == params.size(),
+                "fastscale: momentum_buffers has ", momentum_buffers.size(),
+                " tensors; with momentum == 0 pass [] (or one per parameter, ignored)");
+  }
+  if (params.empty()) return;
+  check_tensor_list("params", params, params[0], "params[0]");
+  check_tensor_list("grads", grads, params[0], "params[0]", params);
+  check_no_internal_overlap("params", params);
+  if (use_momentum) {
+    check_tensor_list("momentum_buffers", momentum_buffers, params[0], "params[0]", params);
+    check_no_internal_overlap("momentum_buffers", momentum_buffers);
+  }
+}
+
+// Every input of fastscale::accumulate_grad_.
+inline void check_accumulate_grad_inputs(at::TensorList snapshots, at::TensorList grads) {
+  check_same_length("snapshots", snapshots, "grads", grads);
+  if (grads.empty()) return;
+  check_tensor_list("grads", grads, grads[0], "grads[0]");
+  check_tensor_list("snapshots", snapshots, grads[0], "grads[0]", grads);
+  check_no_internal_overlap("snapshots", snapshots);
 }
 
 }  // namespace fastscale::checks

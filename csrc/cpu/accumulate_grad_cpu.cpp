@@ -14,11 +14,8 @@
 namespace fastscale {
 
 at::Tensor accumulate_grad_cpu(at::TensorList snapshots, at::TensorList grads, bool first) {
-  checks::check_same_length("snapshots", snapshots, "grads", grads);
+  checks::check_accumulate_grad_inputs(snapshots, grads);
   if (grads.empty()) return at::zeros({0}, at::TensorOptions().dtype(at::kFloat));
-  checks::check_tensor_list("grads", grads, grads[0], "grads[0]");
-  checks::check_tensor_list("snapshots", snapshots, grads[0], "grads[0]", grads);
-  checks::check_no_internal_overlap("snapshots", snapshots);
 
   cpu::FlatTensors flat;
   std::vector<int64_t> numels;

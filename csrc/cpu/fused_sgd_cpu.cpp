@@ -23,28 +23,10 @@ at::Tensor fused_sgd_cpu(at::TensorList params, at::TensorList grads,
                          bool maximize, bool is_first_step,
                          const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf) {
-  const at::Device device = params.empty() ? lr.device() : params[0].device();
-  checks::check_scalar_tensor("lr", lr, device, /*allow_one_element=*/true, /*allow_bool=*/false);
-  if (grad_scale) checks::check_scalar_tensor("grad_scale", *grad_scale, device, false, false);
-  if (found_inf) checks::check_scalar_tensor("found_inf", *found_inf, device, false, true);
-  checks::check_same_length("grads", grads, "params", params);
-  const bool use_momentum = momentum != 0;
-  if (use_momentum) {
-    checks::check_same_length("momentum_buffers", momentum_buffers, "params", params);
-  } else {
-    TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == params.size(),
-                "fastscale: momentum_buffers has ", momentum_buffers.size(),
-                " tensors; with momentum == 0 pass [] (or one per parameter, ignored)");
-  }
+  checks::check_fused_sgd_inputs(params, grads, momentum_buffers, lr, momentum, grad_scale,
+                                 found_inf);
   if (params.empty()) return at::zeros({0}, lr.options().dtype(at::kFloat));
-  checks::check_tensor_list("params", params, params[0], "params[0]");
-  checks::check_tensor_list("grads", grads, params[0], "params[0]", params);
-  checks::check_no_internal_overlap("params", params);
-  if (use_momentum) {
-    checks::check_tensor_list("momentum_buffers", momentum_buffers, params[0], "params[0]",
-                              params);
-    checks::check_no_internal_overlap("momentum_buffers", momentum_buffers);
-  }
+  const bool use_momentum = momentum != 0;
 
   cpu::SgdHyper h;
   h.lr = lr.item<double>();

@@ -12,7 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda_checks.h"
+#include "checks.h"
 #include "multi_tensor_apply.cuh"
 
 namespace fastscale {
@@ -94,16 +94,13 @@ struct AccumulateGradFunctor {
 }  // namespace
 
 at::Tensor accumulate_grad_cuda(at::TensorList snapshots, at::TensorList grads, bool first) {
-  namespace chk = cuda_checks;
+  checks::check_accumulate_grad_inputs(snapshots, grads);
   if (grads.empty()) {
-    chk::check_same_length("snapshots", snapshots, "grads", grads);
     // As the reference: an empty call has no device to speak of.
     return at::empty({0}, at::TensorOptions().dtype(at::kFloat));
   }
-  chk::check_same_length("snapshots", snapshots, "grads", grads);
-  chk::check_tensor_list("grads", grads, grads[0]);
-  chk::check_tensor_list("snapshots", snapshots, grads[0], grads);
-  chk::check_no_internal_overlap("snapshots", snapshots);
+  TORCH_CHECK(grads[0].is_cuda(), "fastscale: grads[0] is on ", grads[0].device(),
+              "; the CUDA kernel needs CUDA tensors");
   const at::Device device = grads[0].device();
   const c10::cuda::CUDAGuard device_guard(device);
 

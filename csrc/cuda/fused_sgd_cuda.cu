@@ -15,7 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda_checks.h"
+#include "checks.h"
 #include "multi_tensor_apply.cuh"
 
 namespace fastscale {
@@ -214,28 +214,14 @@ at::Tensor fused_sgd_cuda(at::TensorList params, at::TensorList grads,
                           bool maximize, bool is_first_step,
                           const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf) {
-  namespace chk = cuda_checks;
+  checks::check_fused_sgd_inputs(params, grads, momentum_buffers, lr, momentum, grad_scale,
+                                 found_inf);
   const at::Device device = params.empty() ? lr.device() : params[0].device();
-  chk::check_scalar_tensor("lr", lr, device, /*allow_bool=*/false);
-  if (grad_scale.has_value()) {
-    chk::check_scalar_tensor("grad_scale", *grad_scale, device, /*allow_bool=*/false);
-  }
-  if (found_inf.has_value()) {
-    chk::check_scalar_tensor("found_inf", *found_inf, device, /*allow_bool=*/true);
-  }
   if (params.empty()) {
     return at::empty({0}, at::TensorOptions().dtype(at::kFloat).device(device));
   }
+  TORCH_CHECK(device.is_cuda(), "fastscale: params[0] is on ", device, "; the CUDA kernel needs CUDA tensors");
   const bool use_momentum = momentum != 0.0;
-  chk::check_same_length("grads", grads, "params", params);
-  chk::check_tensor_list("params", params, params[0]);
-  chk::check_tensor_list("grads", grads, params[0], params);
-  chk::check_no_internal_overlap("params", params);
-  if (use_momentum) {
-    chk::check_same_length("momentum_buffers", momentum_buffers, "params", params);
-    chk::check_tensor_list("momentum_buffers", momentum_buffers, params[0], params);
-    chk::check_no_internal_overlap("momentum_buffers", momentum_buffers);
-  }
   // momentum == 0: the buffers (normally []) are neither read nor written, as in the reference.
 
   const c10::cuda::CUDAGuard device_guard(device);
