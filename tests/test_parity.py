@@ -1,8 +1,6 @@
 """FusedScaledSGD with scaling off must compute what torch.optim.SGD computes, step for step."""
 
 import copy
-import re
-import warnings
 
 import pytest
 import torch
