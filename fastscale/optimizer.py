@@ -25,6 +25,13 @@ def _check_scalar(name: str, value, allow_tensor: bool = False) -> None:
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
 
 
+def _divide_amp_scale(t: Tensor, grad_scaler) -> Tensor:
+    """t / s² for the scale s of an enabled GradScaler, read as a device tensor (get_scale() syncs)."""
+    if grad_scaler is None or not grad_scaler.is_enabled():
+        return t
+    return t / grad_scaler._get_scale_async().to(device=t.device, dtype=t.dtype).square()
+
+
 def _skipped_on_host(found_inf: Tensor | None) -> bool:
     """Whether an AMP step is skipped. Reads a CUDA flag, so only called when it must be known."""
     return found_inf is not None and bool(found_inf.item())
@@ -117,9 +124,8 @@ class FusedScaledSGD(Optimizer):
             warmup_start_factor=warmup_start_factor,
             noise_fallback=noise_fallback,
         )
-        lr_scaling.check_group_options(defaults)
         self._ops_by_device: dict[str, object] = {}
-        self._step_count = None  # 0-dim device tensor: steps taken (skipped AMP steps excluded)
+        self._step_count: Tensor  # 0-dim device tensor: steps taken (skipped AMP steps excluded)
         self._estimator: NoiseScaleEstimator | None = None
         self._last_norms: Tensor | None = None  # per-tensor |g|² of the last step
         self._snapshots: dict[Tensor, Tensor] = {}
@@ -128,7 +134,7 @@ class FusedScaledSGD(Optimizer):
         super().__init__(params, defaults)
         # GradScaler passes grad_scale/found_inf to step() instead of unscaling and syncing.
         self._step_supports_amp_scaling = True
-        self._ensure_state()  # device state exists before any step, compiled or not
+        self._init_device_state()  # before any step, compiled or not
 
     # ----------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -181,9 +187,8 @@ class FusedScaledSGD(Optimizer):
                 return p.device
         return torch.device("cpu")
 
-    def _ensure_state(self) -> None:
-        if self._step_count is not None:
-            return
+    def _init_device_state(self) -> None:
+        """The step counter and estimator, fresh, on the device of the first parameter."""
         device = self._stats_device()
         dtype = torch.float32 if device.type == "mps" else torch.float64
         self._step_count = torch.zeros((), dtype=dtype, device=device)
@@ -226,7 +231,6 @@ class FusedScaledSGD(Optimizer):
 
     def current_lr(self) -> list[float]:
         """The effective learning rate of each group for the next step (synchronises)."""
-        self._ensure_state()
         return [
             lr_scaling.effective_lr(g, self._step_count, self._group_scale(g)).item()
             for g in self.param_groups
@@ -240,7 +244,6 @@ class FusedScaledSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._ensure_state()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         step_count = self._step_count
@@ -401,7 +404,6 @@ class FusedScaledSGD(Optimizer):
             raise ValueError(f"loss_scale must be > 0, got {loss_scale!r}")
         if self._small is not None:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
-        self._ensure_state()
         first = self._micro is None
         positions, norms = [], []
         for group in self.param_groups:
@@ -418,11 +420,7 @@ class FusedScaledSGD(Optimizer):
                 norms.append(self._ops_for(device).accumulate_grad_(snaps, grads, first=first))
                 positions += positions_
         sq_pt, _ = self._gather(norms, positions)
-        divisor = loss_scale**2
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            scale = grad_scaler._get_scale_async()  # device tensor; get_scale() would sync
-            sq_pt = sq_pt / scale.to(sq_pt.device).float().square()
-        sq_pt = sq_pt / divisor
+        sq_pt = _divide_amp_scale(sq_pt, grad_scaler) / loss_scale**2
         if first:
             self._micro = dict(count=0, loss_scale=[], batch_size=[], sq_pt=sq_pt)
         else:
@@ -458,7 +456,6 @@ class FusedScaledSGD(Optimizer):
         """
         if not isinstance(sq_norms, Tensor) or sq_norms.dim() != 1:
             raise TypeError("sq_norms must be a 1-D tensor of per-example squared gradient norms")
-        self._ensure_state()
         sq = sq_norms.detach().to(self._step_count.device).double().mean()
         self.observe_small_batch_norms(sq, 1, sq_norms.numel(), loss_scale, grad_scaler)
 
@@ -490,15 +487,13 @@ class FusedScaledSGD(Optimizer):
             raise TypeError("mean_sq_norm must be a 1-element tensor")
         if self._micro is not None or self._small is not None:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
-        self._ensure_state()
         device = self._step_count.device
         sq = mean_sq_norm.detach().reshape(()).to(device).double()
         if per_tensor is not None:
             per_tensor = per_tensor.detach().to(device=device, dtype=torch.float32)
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            inv = grad_scaler._get_scale_async().to(device).double().square().reciprocal()
-            sq = sq * inv
-            per_tensor = None if per_tensor is None else per_tensor * inv.float()
+        sq = _divide_amp_scale(sq, grad_scaler)
+        if per_tensor is not None:
+            per_tensor = _divide_amp_scale(per_tensor, grad_scaler)
         self._small = (sq, float(small_batch_size), float(big_batch_size), float(loss_scale), per_tensor)
 
     def noise_scale(self) -> float:
@@ -509,7 +504,6 @@ class FusedScaledSGD(Optimizer):
         """Host copy of the statistics: the noise-scale estimate (|G|², tr(Σ), B_simple, per
         tensor), the steps/examples trade-off at the current batch size, and the last step's
         squared gradient norms. Reading synchronises with the device; nothing else does."""
-        self._ensure_state()
         out = {"steps": int(self._step_count.item())}
         if self._last_norms is not None:
             out["last_grad_sq_norm"] = float(self._last_norms.double().sum())
@@ -532,7 +526,6 @@ class FusedScaledSGD(Optimizer):
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        self._ensure_state()
         ours = {"step": self._step_count.clone()}
         if self._estimator is not None:
             ours["noise_scale"] = self._estimator.state_dict()
@@ -551,10 +544,8 @@ class FusedScaledSGD(Optimizer):
                 group.setdefault(key, value)
             lr_scaling.check_group_options(group)
         self._reindex()
-        self._step_count = None
-        self._estimator = None
         self._reset_pending()
-        self._ensure_state()
+        self._init_device_state()
         if ours is None:
             return
         self._step_count.copy_(ours["step"])
