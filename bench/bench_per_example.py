@@ -11,6 +11,9 @@ What is timed: the backward pass only (the forward runs in the untimed setup), p
 the candidate needs to turn its hooks' output into a [B] vector of squared norms:
   plain      loss.backward()
   fastscale  loss.backward(); norms.squared_norms()
+  fastscale-unfused
+             the same with fused_conv=False (conv layers keep their own forward/backward, the
+             per-example weight gradients are computed on top; differs only on the CNN)
   opacus     loss.backward() through opacus.GradSampleModule (materialises p.grad_sample,
              [B, *p.shape] per parameter); then sum_p |grad_sample_p|^2 per example.
 All candidates start from the same weights and inputs. Opacus is optional: if it does not
@@ -102,7 +105,7 @@ def transformer_case():
 
 
 CASES = {"mlp": mlp_case, "cnn": cnn_case, "transformer": transformer_case}
-CANDIDATES = ["plain", "fastscale", "opacus"]
+CANDIDATES = ["plain", "fastscale", "fastscale-unfused", "opacus"]
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -124,8 +127,8 @@ def make_step(case: str, candidate: str):
 
         def reduce():
             return sum(p.grad_sample.flatten(1).square().sum(1) for p in params)
-    elif candidate == "fastscale":
-        norms = PerExampleGradNorms(model, loss_reduction="mean")
+    elif candidate.startswith("fastscale"):
+        norms = PerExampleGradNorms(model, loss_reduction="mean", fused_conv=candidate == "fastscale")
         reduce = norms.squared_norms
     else:
         reduce = None
@@ -188,7 +191,7 @@ def main(rounds: int = 15) -> None:
     shared machine the minimum is the steadier estimate of what the work itself costs."""
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rounds {rounds}, "
           f"opacus: {'ok' if OPACUS_ERROR is None else OPACUS_ERROR}")
-    print(f"{'model':12s} {'candidate':10s} {'median ms':>10s} {'x plain':>8s} {'min ms':>9s} {'x plain':>8s} "
+    print(f"{'model':12s} {'candidate':17s} {'median ms':>10s} {'x plain':>8s} {'min ms':>9s} {'x plain':>8s} "
           f"{'peak MiB':>9s}")
     for case in CASES:
         steps = {}
@@ -196,7 +199,7 @@ def main(rounds: int = 15) -> None:
             try:
                 steps[candidate] = make_step(case, candidate)
             except pytest.skip.Exception as exc:
-                print(f"{case:12s} {candidate:10s} skipped ({exc})")
+                print(f"{case:12s} {candidate:17s} skipped ({exc})")
         wall = {c: [] for c in steps}
         for r in range(rounds + 2):
             for candidate, (setup, run) in steps.items():
@@ -209,7 +212,7 @@ def main(rounds: int = 15) -> None:
         low = {c: min(t) for c, t in wall.items()}
         for candidate, (setup, run) in steps.items():
             mib = peak_backward_bytes(setup, run) / 2**20
-            print(f"{case:12s} {candidate:10s} {med[candidate] * 1e3:10.1f} {med[candidate] / med['plain']:8.2f} "
+            print(f"{case:12s} {candidate:17s} {med[candidate] * 1e3:10.1f} {med[candidate] / med['plain']:8.2f} "
                   f"{low[candidate] * 1e3:9.1f} {low[candidate] / low['plain']:8.2f} {mib:9.1f}")
         sys.stdout.flush()
 

@@ -21,6 +21,7 @@ wrong thing; using both in one step raises a RuntimeError at ``step()``.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
+import datetime
 import math
 import numbers
 import warnings
@@ -210,6 +211,31 @@ _COLUMNS = ("flags", "local_batch_size", "loss_scale", "optimizer tensors", "DDP
             "elements stepped")
 
 
+_registrations = 0  # calls so far in this process: keys of one call never meet another's
+
+
+def _await_every_rank(group, timeout: float) -> None:
+    """Meet the other ranks in the process group's store before the first collective. A rank
+    that never calls register_noise_scale_hook would otherwise leave the others inside a
+    collective until the process group times out (30 min by default), with a message that
+    does not say why; here they wait ``timeout`` seconds and name the missing ranks."""
+    global _registrations
+    _registrations += 1
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"fastscale/register_noise_scale_hook/{_registrations}/"
+    ranks = dist.get_process_group_ranks(group)
+    store.set(prefix + str(dist.get_rank()), "1")
+    keys = [prefix + str(r) for r in ranks]
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout))
+    except RuntimeError:  # DistStoreError, on a timeout
+        missing = [r for r, key in zip(ranks, keys) if not store.check([key])]
+        raise RuntimeError(
+            f"register_noise_scale_hook: rank(s) {missing} did not call register_noise_scale_hook within "
+            f"{timeout:g} s; call it on every rank of the DDP model's process group, at the same point "
+            "(before training), or raise timeout=") from None
+
+
 def _check_config(table: list[list[float]]) -> None:
     """Raise the same ValueError on every rank when the gathered rows disagree or are invalid."""
     problems = []
@@ -238,6 +264,7 @@ def register_noise_scale_hook(
     loss_scale: float = 1.0,
     grad_scaler=None,
     feed_automatically: bool = True,
+    timeout: float = 300.0,
 ) -> ReplicaNoiseScaleState:
     """Estimate the gradient noise scale from DDP replicas, feeding ``optimizer`` every step.
 
@@ -255,12 +282,17 @@ def register_noise_scale_hook(
         loss_scale: ``.grad`` = loss_scale × the mean gradient over the examples (1 for a mean
             loss; see :class:`ReplicaNoiseScaleState`).
         grad_scaler: the ``torch.amp.GradScaler`` scaling the loss, so its scale is divided out.
+        timeout: seconds each rank waits for every other rank to reach this call; then a
+            RuntimeError names the ranks that did not (instead of a collective timing out).
 
     Returns the hook's :class:`ReplicaNoiseScaleState`.
     """
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
+    if not (isinstance(timeout, numbers.Real) and not isinstance(timeout, bool) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     group = ddp_model.process_group
+    _await_every_rank(group, float(timeout))
     param_index = {}
     for g in getattr(optimizer, "param_groups", []):
         for p in g["params"]:

@@ -13,8 +13,12 @@ without materialising per-example gradients where an identity is cheaper
 * ``nn.Linear`` on [B, T, d] (extra dims flattened into T): g_i = sum_t delta_t a_t^T and
   |g_i|^2 = sum_{t,s} (a_t.a_s)(delta_t.delta_s). The Gram form costs ~B T^2 (d_in + d_out),
   materialising g_i (one bmm) ~B T d_in d_out; each layer takes the cheaper one.
-* ``nn.Conv1d``/``nn.Conv2d``: the same two forms on the unfolded input (im2col patches,
-  one "token" per output position), per group.
+* ``nn.Conv1d``/``nn.Conv2d``: the same two forms, one "token" per output position, per
+  group: the Gram form on im2col patches; the materialised form as one weight-gradient
+  convolution with the batch folded into the groups. While attached, a conv call that
+  materialises runs through an autograd function whose backward returns the sum of the
+  per-example weight gradients as the weight gradient, so autograd does not compute the
+  weight gradient a second time (``fused_conv=True``, the default).
 * ``nn.Embedding``: g_i has one row per distinct token id, the sum of that id's delta rows;
   repeated ids are summed before squaring (sorting, no host sync).
 * ``nn.LayerNorm``/``nn.RMSNorm``/``nn.GroupNorm`` affine parameters: the weight gradient
@@ -49,6 +53,7 @@ Limitations (each raises a clear error unless noted)
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -170,28 +175,117 @@ def _conv_patches(x: Tensor, kernel, stride, dilation) -> Tensor:
     return view.reshape(b, c * kh * kw, ho * wo)
 
 
+def _conv_gram_prefers(mod: nn.Conv1d | nn.Conv2d, positions: int) -> bool:
+    """The Gram form is cheaper than materialising: the Linear rule per group, L = positions."""
+    d_in = mod.in_channels // mod.groups * math.prod(mod.kernel_size)
+    d_out = mod.out_channels // mod.groups
+    return positions * (d_in + d_out) < d_in * d_out
+
+
+def _conv_call(mod: nn.Conv1d | nn.Conv2d, x: Tensor):
+    """(input, stride, padding, dilation, groups) for aten.convolution computing ``mod(x)``:
+    symmetric zero padding stays inside the op; other padding modes and an asymmetric
+    "same" pad the input first (differentiably), as ``_ConvNd`` itself does."""
+    n = len(mod.kernel_size)
+    padding = [0] * n
+    if mod.padding_mode != "zeros":
+        x = F.pad(x, tuple(mod._reversed_padding_repeated_twice), mode=mod.padding_mode)
+    elif mod.padding == "same":
+        total = [dil * (k - 1) for k, dil in zip(mod.kernel_size, mod.dilation)]
+        if all(t % 2 == 0 for t in total):
+            padding = [t // 2 for t in total]
+        else:  # the odd element on the right, as torch pads
+            x = F.pad(x, tuple(q for t in reversed(total) for q in (t // 2, t - t // 2)))
+    elif mod.padding != "valid":
+        padding = list(mod.padding)
+    return x, (list(mod.stride), padding, list(mod.dilation), mod.groups)
+
+
+def _conv_example_grads(x: Tensor, d: Tensor, weight_shape, geometry) -> Tensor:
+    """[B, *weight_shape]: every example's own weight gradient, in one weight-gradient
+    convolution with the batch folded into the groups (Rochette et al. 2019): input
+    [1, B*C, ...], output gradient [1, B*O, ...], groups B*g. No im2col copy; measured
+    1.3-1.5x faster than im2col + bmm on CPU."""
+    stride, padding, dilation, groups = geometry
+    b = x.shape[0]
+    xs = x.reshape(1, b * x.shape[1], *x.shape[2:])
+    ds = d.reshape(1, b * d.shape[1], *d.shape[2:])
+    # Only the weight's shape is read when just the weight gradient is asked for (a real,
+    # contiguous allocation all the same: backends make the weight contiguous anyway).
+    w = x.new_empty(b * weight_shape[0], *weight_shape[1:])
+    grads = torch.ops.aten.convolution_backward(
+        ds, xs, w, None, stride, padding, dilation, False, [0] * len(stride), groups * b,
+        [False, True, False])[1]
+    return grads.view(b, *weight_shape)
+
+
+class _ConvWithExampleGrads(torch.autograd.Function):
+    """``mod(x)`` whose backward computes every example's weight gradient once and returns
+    their sum as the weight gradient, instead of autograd computing the weight gradient a
+    second time. The per-example gradients go to ``sink(grad_out, example_grads)``.
+    The backward is written in differentiable ops, so double backward works."""
+
+    @staticmethod
+    def forward(x, weight, bias, geometry, sink):
+        stride, padding, dilation, groups = geometry
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False,
+                                          [0] * len(stride), groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, geometry, sink = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.sink = geometry, sink
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
+                [True, False, False])[0]
+        examples = _conv_example_grads(x, grad_out, weight.shape, ctx.geometry)
+        dw = examples.sum(0)
+        if ctx.needs_input_grad[2]:
+            db = grad_out.sum([0, *range(2, grad_out.dim())])
+        ctx.sink(grad_out.detach(), examples.detach())
+        return dx, dw, db, None, None
+
+
 def _conv_sq(mod: nn.Conv1d | nn.Conv2d, uses, method: str) -> Tensor:
-    g = mod.groups
-    prepared = []
-    for u in uses:
-        x, kernel, stride, dilation = _conv_geometry(mod, _acc(u.args[0]))
-        d = _acc(u.grad)
-        d = d.reshape(d.shape[0], mod.out_channels, 1 if isinstance(mod, nn.Conv1d) else d.shape[-2], d.shape[-1])
-        prepared.append((x, d, kernel, stride, dilation))
-    b = prepared[0][0].shape[0]
-    sq = prepared[0][1].new_zeros(b)
+    b = uses[0].grad.shape[0]
+    sq = _acc(uses[0].grad).new_zeros(b)
     if mod.weight.requires_grad:
-        # A conv is a Linear over im2col patches, one "token" per output position (and per
-        # call), so the same two forms apply. Groups are independent linear maps: fold them
-        # into the batch of the bmm. (Per-example conv-weight-backward with groups = B*g,
-        # Rochette et al. 2019, measured slower than im2col + bmm on CPU.)
-        a = _cat([_conv_patches(x, k, st, dl) for x, _, k, st, dl in prepared], dim=2)
-        d = _cat([dd.reshape(b, mod.out_channels, -1) for _, dd, *_ in prepared], dim=2)
-        a = a.reshape(b * g, -1, a.shape[-1]).transpose(1, 2)  # [B*g, L, C_in/g * k]
-        d = d.reshape(b * g, -1, d.shape[-1]).transpose(1, 2)  # [B*g, L, C_out/g]
-        sq = sq + _weight_sq(a, d, method).reshape(b, g).sum(1)
+        positions = sum(math.prod(u.grad.shape[2:]) for u in uses)
+        fused = any(u.example_grads is not None for u in uses)
+        if fused or method == "materialize" or (method == "auto" and not _conv_gram_prefers(mod, positions)):
+            # Sum each example's gradient over the calls, then square.
+            total = None
+            for u in uses:
+                g = u.example_grads
+                if g is None:
+                    x, geometry = _conv_call(mod, _acc(u.args[0]))
+                    g = _conv_example_grads(x, _acc(u.grad), mod.weight.shape, geometry)
+                total = _acc(g) if total is None else total + _acc(g)
+            # One pass, no squared temporary (measured 1.5x faster than square().sum()).
+            sq = sq + torch.linalg.vector_norm(total.flatten(1), dim=1).square()
+        else:
+            # Gram form: a conv is a Linear over im2col patches, one "token" per output
+            # position (and per call). Groups are independent maps: folded into the bmm batch.
+            g = mod.groups
+            a, d = [], []
+            for u in uses:
+                x, kernel, stride, dilation = _conv_geometry(mod, _acc(u.args[0]))
+                a.append(_conv_patches(x, kernel, stride, dilation))
+                d.append(_acc(u.grad).reshape(b, mod.out_channels, -1))
+            a, d = _cat(a, dim=2), _cat(d, dim=2)
+            a = a.reshape(b * g, -1, a.shape[-1]).transpose(1, 2)  # [B*g, L, C_in/g * k]
+            d = d.reshape(b * g, -1, d.shape[-1]).transpose(1, 2)  # [B*g, L, C_out/g]
+            sq = sq + _weight_sq(a, d, "gram").reshape(b, g).sum(1)
     if mod.bias is not None and mod.bias.requires_grad:
-        sq = sq + sum(dd.sum((2, 3)) for _, dd, *_ in prepared).square().sum(1)
+        sq = sq + sum(_acc(u.grad).flatten(2).sum(2) for u in uses).square().sum(1)
     return sq
 
 
@@ -290,12 +384,26 @@ def _functorch_sq(mod: nn.Module, uses, batch: int) -> Tensor:
 
 class _Use:
     """One call of a module: its inputs (detached, the tensors autograd keeps anyway) and,
-    once backward reaches it, the gradient of its output."""
+    once backward reaches it, the gradient of its output (and, for a fused conv call, every
+    example's weight gradient)."""
 
-    __slots__ = ("args", "kwargs", "grad")
+    __slots__ = ("args", "kwargs", "grad", "example_grads")
 
     def __init__(self, args, kwargs):
-        self.args, self.kwargs, self.grad = args, kwargs, None
+        detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
+        self.args, self.kwargs = pytree.tree_map(detach, args), pytree.tree_map(detach, kwargs)
+        self.grad = self.example_grads = None
+
+
+class _RestoreForward:
+    """Handle that removes an instance-level ``forward`` again (if it is still ours)."""
+
+    def __init__(self, module: nn.Module, forward):
+        self.module, self.forward = module, forward
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self.forward:
+            del self.module.forward
 
 
 class _Layer:
@@ -333,6 +441,12 @@ class PerExampleGradNorms:
         method: ``"auto"`` picks, per layer and call, the cheaper of the Gram identity and the
             materialised per-example gradient for sequence Linear and Conv layers; ``"gram"``
             or ``"materialize"`` force one (for testing and benchmarking).
+        fused_conv: while attached, a Conv1d/Conv2d call whose per-example weight gradients
+            are materialised runs through one autograd function that computes them once and
+            returns their sum as the layer's weight gradient, so the weight gradient is not
+            computed twice (default ``True``; the layer's ``forward`` is replaced on the
+            instance until :meth:`detach`). ``False``: every layer keeps its own forward and
+            is only hooked; the per-example weight gradients are then an extra computation.
         attach: register the hooks now (default); otherwise call :meth:`attach` or use ``with``.
 
     After ``backward``, :meth:`squared_norms` returns the [B] total and :meth:`per_layer` the
@@ -340,7 +454,7 @@ class PerExampleGradNorms:
     """
 
     def __init__(self, model: nn.Module, loss_reduction: str = "mean", *, fallback: str | None = "error",
-                 method: str = "auto", attach: bool = True):
+                 method: str = "auto", fused_conv: bool = True, attach: bool = True):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if fallback not in _FALLBACKS:
@@ -351,6 +465,9 @@ class PerExampleGradNorms:
         self.loss_reduction = loss_reduction
         self.fallback = fallback or "error"
         self.method = "materialize" if method == "materialise" else method
+        if not isinstance(fused_conv, bool):
+            raise TypeError(f"fused_conv must be a bool, got {type(fused_conv).__name__}")
+        self.fused_conv = fused_conv
         self._layers = self._plan(model)
         self._handles: list = []
         self._suspended = False  # True while the functorch fallback re-runs a module
@@ -397,8 +514,14 @@ class PerExampleGradNorms:
             return self
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
         for layer in self._layers:
-            self._handles.append(layer.module.register_forward_hook(
-                self._forward_hook(layer), with_kwargs=True))
+            if self.fused_conv and layer.kind in (nn.Conv1d, nn.Conv2d):
+                # Bound, so that a deep copy of the model (an EMA copy) binds to the copy.
+                forward = types.MethodType(self._fused_conv_forward(layer), layer.module)
+                layer.module.forward = forward
+                self._handles.append(_RestoreForward(layer.module, forward))
+            else:
+                self._handles.append(layer.module.register_forward_hook(
+                    self._forward_hook(layer), with_kwargs=True))
             for pname, p in layer.params.items():
                 # After accumulation, not a tensor hook: a tensor hook on a leaf keeps
                 # AccumulateGrad from stealing the incoming gradient (measured: a copy of it).
@@ -435,42 +558,85 @@ class PerExampleGradNorms:
 
         return hook
 
+    def _admit(self, layer: _Layer, module, args, output) -> bool:
+        """Check one call and count it as pending; False for a call that needs no norms."""
+        if self._suspended or not torch.is_grad_enabled():
+            return False
+        if not isinstance(output, Tensor):
+            if any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(output)):
+                raise ValueError(f"PerExampleGradNorms: layer {layer.name!r} ({type(module).__name__}) returns "
+                                 f"{type(output).__name__}; the hooks support modules returning one tensor")
+            return False
+        if not output.requires_grad:
+            return False
+        if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+            raise ValueError(f"PerExampleGradNorms: layer {layer.name!r} ({type(module).__name__}) "
+                             "was called without a batched tensor as its first argument")
+        batch = args[0].shape[0]
+        if self._batch is None:
+            self._batch = batch
+        elif batch != self._batch:
+            raise ValueError(
+                f"PerExampleGradNorms: layer {layer.name!r} sees batch size {batch} on dim 0, earlier layers "
+                f"saw {self._batch}; the batch must be dim 0 of every layer's input (batch_first)")
+        layer.pending += 1
+        self._cache = None
+        return True
+
+    def _arrived(self, layer: _Layer) -> None:
+        layer.pending -= 1
+        if layer.pending == 0:  # every call of this module has its output gradient
+            self._reduce(layer)
+
+    def _watch_output(self, layer: _Layer, use: _Use, output: Tensor) -> None:
+        layer.uses.append(use)
+
+        def on_grad(grad):
+            use.grad = grad.detach()
+            self._arrived(layer)
+
+        output.register_hook(on_grad)
+
     def _forward_hook(self, layer: _Layer):
         def hook(module, args, kwargs, output):
-            if self._suspended or not torch.is_grad_enabled():
-                return
-            if not isinstance(output, Tensor):
-                if any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(output)):
-                    raise ValueError(f"PerExampleGradNorms: layer {layer.name!r} ({type(module).__name__}) returns "
-                                     f"{type(output).__name__}; the hooks support modules returning one tensor")
-                return
-            if not output.requires_grad:
-                return
-            if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
-                raise ValueError(f"PerExampleGradNorms: layer {layer.name!r} ({type(module).__name__}) "
-                                 "was called without a batched tensor as its first argument")
-            batch = args[0].shape[0]
-            if self._batch is None:
-                self._batch = batch
-            elif batch != self._batch:
-                raise ValueError(
-                    f"PerExampleGradNorms: layer {layer.name!r} sees batch size {batch} on dim 0, earlier layers "
-                    f"saw {self._batch}; the batch must be dim 0 of every layer's input (batch_first)")
-            detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
-            use = _Use(pytree.tree_map(detach, args), pytree.tree_map(detach, kwargs))
-            layer.uses.append(use)
-            layer.pending += 1
-            self._cache = None
-
-            def on_grad(grad):
-                use.grad = grad.detach()
-                layer.pending -= 1
-                if layer.pending == 0:  # every call of this module has its output gradient
-                    self._reduce(layer)
-
-            output.register_hook(on_grad)
+            if self._admit(layer, module, args, output):
+                self._watch_output(layer, _Use(args, kwargs), output)
 
         return hook
+
+    def _fused_conv_forward(self, layer: _Layer):
+        """The conv layer's forward while attached (it replaces the forward hook): calls
+        whose weight gradient is best materialised run through _ConvWithExampleGrads, the
+        rest run the module's own forward and are watched like any other layer."""
+        own_forward = type(layer.module).forward
+
+        def forward(mod, input):
+            if mod is not layer.module:  # a deep copy of the attached model: not hooked
+                return own_forward(mod, input)
+            if (isinstance(input, Tensor) and input.dim() == mod.weight.dim() and mod.weight.requires_grad
+                    and torch.is_grad_enabled() and not self._suspended and self.method != "gram"):
+                x, geometry = _conv_call(mod, input)
+                stride, padding, dilation, _ = geometry
+                positions = math.prod(
+                    (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+                    for size, k, st, pad, dil in zip(x.shape[2:], mod.kernel_size, stride, padding, dilation))
+                if self.method == "materialize" or not _conv_gram_prefers(mod, positions):
+                    use = _Use((input,), {})
+
+                    def sink(grad_out, example_grads):
+                        use.grad, use.example_grads = grad_out, example_grads
+                        self._arrived(layer)
+
+                    output = _ConvWithExampleGrads.apply(x, mod.weight, mod.bias, geometry, sink)
+                    self._admit(layer, mod, (input,), output)  # always admitted: the weight requires grad
+                    layer.uses.append(use)
+                    return output
+            output = own_forward(mod, input)
+            if self._admit(layer, mod, (input,), output):
+                self._watch_output(layer, _Use((input,), {}), output)
+            return output
+
+        return forward
 
     # -- reduction
     def _reduce(self, layer: _Layer) -> None:

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -139,6 +140,20 @@ def _two_synced_backwards(rank):
     return {"warnings": [str(w.message) for w in caught], "updates": opt.gradient_stats()["updates"]}
 
 
+def _rank_1_never_registers(rank):
+    """Last scenario: rank 1 skips the registration, so the two ranks' call counts differ."""
+    import torch.distributed as dist
+    from fastscale.distributed import register_noise_scale_hook
+
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    opt = make_optimizer(model.parameters())
+    t0 = time.monotonic()
+    message = _expect_error(lambda: register_noise_scale_hook(model, opt, LOCAL_BATCH, timeout=2)) if rank == 0 else None
+    waited = time.monotonic() - t0
+    dist.barrier()  # rank 1 waits here for rank 0 to give up
+    return {"message": message, "waited_s": waited}
+
+
 def _worker(out_dir):
     import torch.distributed as dist
 
@@ -155,6 +170,7 @@ def _worker(out_dir):
         "no_noise_scale_on_rank_1": _no_noise_scale_on_rank_1(rank),
         "both_sources": _both_sources(rank),
         "two_synced_backwards": _two_synced_backwards(rank),
+        "rank_1_never_registers": _rank_1_never_registers(rank),
     }
     dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -275,6 +291,13 @@ def test_two_synced_backwards_drop_the_step_statistics(ranks):
         got = ranks[r]["two_synced_backwards"]
         assert got["updates"] == 0
         assert any("several synchronised DDP backwards" in w for w in got["warnings"])
+
+
+def test_rank_that_never_registers_is_named_not_a_hang(ranks):
+    got = ranks[0]["rank_1_never_registers"]
+    assert got["message"] is not None and got["message"].startswith("RuntimeError")
+    assert "rank(s) [1] did not call register_noise_scale_hook within 2 s" in got["message"]
+    assert got["waited_s"] < PG_TIMEOUT_S  # the store timeout, not the process group's
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

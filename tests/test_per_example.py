@@ -179,20 +179,22 @@ def test_mlp_on_sequences_uses_both_forms():
         model.zero_grad()
 
 
+@pytest.mark.parametrize("fused_conv", [True, False])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cnn2d(method, reduction):
+def test_cnn2d(method, reduction, fused_conv):
     torch.manual_seed(2)
     x, y = cnn2d_data()
-    check(CNN2d(), x, y, ce, reduction, method=method)
+    check(CNN2d(), x, y, ce, reduction, method=method, fused_conv=fused_conv)
 
 
+@pytest.mark.parametrize("fused_conv", [True, False])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cnn1d(method, reduction):
+def test_cnn1d(method, reduction, fused_conv):
     torch.manual_seed(3)
     x, y = cnn1d_data()
-    check(CNN1d(), x, y, ce, reduction, method=method)
+    check(CNN1d(), x, y, ce, reduction, method=method, fused_conv=fused_conv)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -265,6 +267,10 @@ def test_context_manager_detaches():
         ce(model(torch.randn(3, 13)), torch.tensor([0, 1, 2])).mean().backward()
         assert norms.squared_norms().shape == (3,)
     assert not any(m._forward_hooks for m in model.modules())
+    cnn = CNN2d()
+    with PerExampleGradNorms(cnn):
+        assert "forward" in cnn.c1.__dict__  # the fused conv forward, on the instance
+    assert not any("forward" in m.__dict__ for m in cnn.modules())
 
 
 def test_read_before_backward_raises():
@@ -275,6 +281,125 @@ def test_read_before_backward_raises():
     model(torch.randn(3, 13))
     with pytest.raises(RuntimeError, match="backward"):
         norms.squared_norms()
+
+
+# ---------------------------------------------------------------------------- fused conv backward
+
+
+class ConvEdges(nn.Module):
+    """Conv cases beyond CNN2d/CNN1d: an even kernel with padding="same" (asymmetric pad),
+    a conv called twice (two spatial sizes), a frozen weight with a trainable bias, and a
+    grouped Conv1d with "valid" padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.same_even = nn.Conv2d(3, 4, (2, 4), padding="same", dilation=(1, 2))
+        self.twice = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.frozen = nn.Conv2d(4, 4, 1)
+        self.frozen.weight.requires_grad_(False)
+        self.c1d = nn.Conv1d(4, 6, 3, groups=2, padding="valid", dilation=2)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = torch.tanh(self.same_even(x))
+        x = torch.tanh(self.twice(x)) + F.interpolate(torch.tanh(self.twice(x[..., ::2, ::2])), size=x.shape[-2:])
+        x = F.relu(self.frozen(x)).flatten(2)
+        return self.head(torch.tanh(self.c1d(x)).mean(2))
+
+
+def conv_grad_fns(model):
+    """Record, per conv call, whether its weight is trainable and which backward it runs."""
+    calls = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            m.register_forward_hook(
+                lambda mod, args, out: calls.append((mod.weight.requires_grad, type(out.grad_fn).__name__)))
+    return calls
+
+
+def plain_grads(model, x, y, loss_fn, create_graph=False):
+    x = x.clone().requires_grad_()
+    loss = loss_fn(model(x), y).mean()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [x, *params], create_graph=create_graph)
+    if create_graph:  # a gradient penalty: d/d(theta) of |d loss / d theta|^2
+        grads = torch.autograd.grad(sum(g.square().sum() for g in grads), [x, *params])
+    return grads
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("make", [CNN2d, CNN1d, ConvEdges])
+def test_fused_conv_gradients_equal_plain_backward(make, dtype):
+    # The fused conv backward returns the sum of the per-example weight gradients as the
+    # weight gradient: it must equal what autograd computes without hooks.
+    torch.manual_seed(11)
+    model = make().to(dtype)
+    x, y = cnn1d_data() if make is CNN1d else cnn2d_data()
+    x = x.to(dtype)
+    want = plain_grads(copy.deepcopy(model), x, y, ce)
+    calls = conv_grad_fns(model)
+    with PerExampleGradNorms(model, method="materialize"):
+        got = plain_grads(model, x, y, ce)
+    # fused exactly where the weight is trainable (a frozen weight has nothing to fuse)
+    assert calls and all((n == "_ConvWithExampleGradsBackward") == trainable for trainable, n in calls), calls
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_conv_edges_norms():
+    torch.manual_seed(12)
+    x, y = cnn2d_data()
+    for method in METHODS:
+        for fused_conv in (True, False):
+            check(ConvEdges(), x, y, ce, "mean", method=method, fused_conv=fused_conv)
+
+
+def test_fused_conv_double_backward():
+    torch.manual_seed(13)
+    model = CNN2d().double()
+    x, y = cnn2d_data()
+    x = x.double()
+    want = plain_grads(copy.deepcopy(model), x, y, ce, create_graph=True)
+    with PerExampleGradNorms(model, method="materialize"):
+        got = plain_grads(model, x, y, ce, create_graph=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_conv_bfloat16():
+    torch.manual_seed(14)
+    model = CNN2d()
+    x, y = cnn2d_data()
+    want_norms = sum(reference(model, x, y, ce).values())
+    model = model.bfloat16()
+    want = plain_grads(copy.deepcopy(model), x.bfloat16(), y, ce)
+    with PerExampleGradNorms(model, method="materialize") as norms:
+        got = plain_grads(model, x.bfloat16(), y, ce)
+        sq = norms.squared_norms()
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), w.float(), rtol=4e-2, atol=4e-3)
+    torch.testing.assert_close(sq.double(), want_norms, rtol=5e-2, atol=0)
+
+
+def test_deep_copy_of_attached_model_computes_with_its_own_weights():
+    torch.manual_seed(15)
+    model = CNN2d()
+    x, _ = cnn2d_data()
+    with PerExampleGradNorms(model, method="materialize"):
+        twin = copy.deepcopy(model)  # e.g. an EMA copy taken while attached
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(0.5)
+        got = twin(x)
+    with torch.no_grad():
+        plain = copy.deepcopy(twin)
+        for m in plain.modules():
+            m.__dict__.pop("forward", None)
+        torch.testing.assert_close(got, plain(x))
+    assert not torch.allclose(got, model(x))
 
 
 # ---------------------------------------------------------------------------- unsupported layers
