@@ -254,6 +254,21 @@ class _ConvWithExampleGrads(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+def _apply_under_autocast(function, *args):
+    """``function.apply(*args)`` as autocast would run the op it wraps: autocast does not look
+    inside an autograd.Function, and a forward cast there would leave the backward with
+    mismatched dtypes. So cast the eligible inputs (floating, not fp64) to the autocast dtype
+    outside, differentiably, and run the function with autocast off."""
+    device = next(a.device.type for a in args if isinstance(a, Tensor))
+    if not torch.is_autocast_enabled(device):
+        return function.apply(*args)
+    dtype = torch.get_autocast_dtype(device)
+    cast = lambda a: a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a  # noqa: E731
+    args = [cast(a) for a in args]
+    with torch.autocast(device, enabled=False):
+        return function.apply(*args)
+
+
 def _conv_sq(mod: nn.Conv1d | nn.Conv2d, uses, method: str) -> Tensor:
     b = uses[0].grad.shape[0]
     sq = _acc(uses[0].grad).new_zeros(b)
@@ -627,7 +642,7 @@ class PerExampleGradNorms:
                         use.grad, use.example_grads = grad_out, example_grads
                         self._arrived(layer)
 
-                    output = _ConvWithExampleGrads.apply(x, mod.weight, mod.bias, geometry, sink)
+                    output = _apply_under_autocast(_ConvWithExampleGrads, x, mod.weight, mod.bias, geometry, sink)
                     self._admit(layer, mod, (input,), output)  # always admitted: the weight requires grad
                     layer.uses.append(use)
                     return output
