@@ -97,6 +97,19 @@ def _prefers_gram(method: str, tokens: int, d_in: int, d_out: int) -> bool:
     return method == "gram" or (method == "auto" and tokens * (d_in + d_out) < d_in * d_out)
 
 
+def _gram_sq(a: Tensor, d: Tensor) -> Tensor:
+    """The Gram form of ``_weight_sq``: sum_{t,s} (a_t.a_s)(d_t.d_s), g_n never formed."""
+    gram_a = torch.bmm(a, a.transpose(1, 2))
+    gram_d = torch.bmm(d, d.transpose(1, 2))
+    return (gram_a * gram_d).sum((1, 2))
+
+
+def _materialised_sq(a: Tensor, d: Tensor) -> Tensor:
+    """The materialised form of ``_weight_sq``: every g_n formed, then squared."""
+    g = torch.bmm(d.transpose(1, 2), a)  # [N, d_out, d_in], one example's gradient per row
+    return g.square_().sum((1, 2))
+
+
 def _weight_sq(a: Tensor, d: Tensor, method: str) -> Tensor:
     """Squared norm of g_n = sum_t d[n, t] a[n, t]^T for a [N, T, d_in], d [N, T, d_out]."""
     n, t, d_in = a.shape
@@ -104,11 +117,8 @@ def _weight_sq(a: Tensor, d: Tensor, method: str) -> Tensor:
     if t == 1:  # outer product: |a|^2 |d|^2
         return a.square().sum((1, 2)) * d.square().sum((1, 2))
     if _prefers_gram(method, t, d_in, d_out):
-        gram_a = torch.bmm(a, a.transpose(1, 2))
-        gram_d = torch.bmm(d, d.transpose(1, 2))
-        return (gram_a * gram_d).sum((1, 2))
-    g = torch.bmm(d.transpose(1, 2), a)  # [N, d_out, d_in], one example's gradient per row
-    return g.square_().sum((1, 2))
+        return _gram_sq(a, d)
+    return _materialised_sq(a, d)
 
 
 def _cat(tensors: list[Tensor], dim: int) -> Tensor:

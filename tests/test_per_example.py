@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from fastscale import PerExampleGradNorms
+from fastscale import PerExampleGradNorms, per_example
 
 RTOL = 1e-4
 
@@ -165,17 +165,41 @@ def test_mlp(reduction):
     check(mlp(), torch.randn(7, 13), torch.randint(0, 5, (7,)), ce, reduction)
 
 
-def test_mlp_on_sequences_uses_both_forms():
+def test_mlp_on_sequences_uses_both_forms(monkeypatch):
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(6, 40), nn.GELU(), nn.Linear(40, 3))
+    model = nn.Sequential(nn.Linear(6, 40), nn.GELU(), nn.Linear(40, 40), nn.GELU(), nn.Linear(40, 3))
     x = torch.randn(4, 5, 2, 6)  # extra dims flattened into T = 10
 
     def loss(out, y):
         return (out - y).square().sum((1, 2, 3))
 
     y = torch.randn(4, 5, 2, 3)
+    # Which form reduced each layer's weight gradient, seen from the two functions that compute
+    # them (each layer's (d_in, d_out) is distinct, so the shapes name the layer).
+    layer_of = {(m.in_features, m.out_features): name for name, m in model.named_modules()
+                if isinstance(m, nn.Linear)}
+    forms = {}
+
+    def spy(form, compute):
+        def wrapped(a, d):
+            forms.setdefault(layer_of[(a.shape[-1], d.shape[-1])], []).append(form)
+            return compute(a, d)
+
+        return wrapped
+
+    monkeypatch.setattr(per_example, "_gram_sq", spy("gram", per_example._gram_sq))
+    monkeypatch.setattr(per_example, "_materialised_sq", spy("materialise", per_example._materialised_sq))
+    # "auto" takes the Gram form where T (d_in + d_out) < d_in d_out, with T = 10:
+    # 6->40: 460 > 240 and 40->3: 430 > 120 materialise; 40->40: 800 < 1600 is Gram.
+    want = {
+        "auto": {"0": ["materialise"], "2": ["gram"], "4": ["materialise"]},
+        "gram": {"0": ["gram"], "2": ["gram"], "4": ["gram"]},
+        "materialize": {"0": ["materialise"], "2": ["materialise"], "4": ["materialise"]},
+    }
     for method in METHODS:
+        forms.clear()
         check(model, x, y, loss, "mean", method=method)
+        assert forms == want[method], f"method={method!r}: forms taken {forms}"
         model.zero_grad()
 
 
