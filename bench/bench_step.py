@@ -22,11 +22,11 @@ NATIVE = "cpu" in fastscale._extension.native_device_types()
 HYPER = dict(lr=1e-4, momentum=0.9, weight_decay=5e-4)
 
 
-def fastscale_step(impl):
+def fastscale_step(fused):
     def make(params):
         opt = fastscale.FusedScaledSGD(
             params, **HYPER, batch_size=1024, base_batch_size=256, warmup_steps=10**6,
-            noise_scale=True, impl=impl,
+            noise_scale=True, fused=fused,
         )
         return opt.step
     return make
@@ -55,8 +55,8 @@ CANDIDATES = {
     "torch_foreach": torch_step(foreach=True),
     "torch_fused": torch_step(fused=True),
     "torch_fused_norm_sched": torch_fused_norm_sched,
-    "fastscale_native": fastscale_step("native"),
-    "fastscale_torch": fastscale_step("torch"),
+    "fastscale_native": fastscale_step(True),
+    "fastscale_torch": fastscale_step(False),
 }
 
 

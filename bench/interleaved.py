@@ -22,7 +22,7 @@ HYPER = dict(lr=1e-4, momentum=0.9, weight_decay=5e-4)
 
 def candidates(params):
     ours = fastscale.FusedScaledSGD(params, **HYPER, batch_size=1024, base_batch_size=256,
-                                    warmup_steps=10**6, noise_scale=True, impl="native")
+                                    warmup_steps=10**6, noise_scale=True, fused=True)
     fused = torch.optim.SGD(params, **HYPER, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(fused, lambda step: min(1.0, (step + 1) / 10**6))
     grads = [p.grad for p in params]

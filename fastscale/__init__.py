@@ -1,7 +1,7 @@
 """fastscale: drop-in torch.optim.SGD with batch-size learning-rate scaling, gradual warmup and
 on-device gradient-noise-scale (critical batch size) statistics, fused into one pass."""
 
-from . import ops
+from . import _extension, ops
 from ._extension import build_info
 from .noise_scale import NoiseScaleConfig
 from .optimizer import FusedScaledSGD
@@ -9,3 +9,5 @@ from .per_example import PerExampleGradNorms
 
 __all__ = ["FusedScaledSGD", "NoiseScaleConfig", "PerExampleGradNorms", "build_info", "ops"]
 __version__ = "0.1.0"
+
+_extension.load()  # registers the compiled kernels now, before any op is called (never silently skipped)

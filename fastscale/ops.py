@@ -3,8 +3,9 @@
 The schemas are declared once, here. The pure-torch twins in :mod:`fastscale.reference`
 are registered as ``CompositeExplicitAutograd`` kernels, so every device works; the C++
 extension registers only its ``CPU`` and ``CUDA`` kernels (``TORCH_LIBRARY_IMPL``), which
-the dispatcher prefers when loaded. Callers go through :func:`resolve`, the one place that
-decides which implementation runs.
+the dispatcher prefers: the dispatcher is the one place that decides which implementation
+runs. The extension is loaded when fastscale is imported (:mod:`fastscale._extension`), so these
+ops never run the twin silently after a successful build.
 """
 
 from __future__ import annotations
@@ -56,40 +57,21 @@ def accumulate_grad_(snapshots, grads, **kwargs) -> Tensor:
     return torch.ops.fastscale.accumulate_grad_(snapshots, grads, **kwargs)
 
 
-IMPLS = ("auto", "native", "torch")
-_DISPATCHED = SimpleNamespace(fused_sgd_=fused_sgd_, accumulate_grad_=accumulate_grad_)
-_PURE_TORCH = SimpleNamespace(
-    fused_sgd_=reference.fused_sgd_, accumulate_grad_=reference.accumulate_grad_
-)
+# The pure-torch twins called directly, bypassing the dispatcher: fused=False / foreach=.
+pure_torch = SimpleNamespace(fused_sgd_=reference.fused_sgd_, accumulate_grad_=reference.accumulate_grad_)
 _warned: set[str] = set()
 
 
-def check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl
-
-
-def resolve(impl: str, device_type: str) -> SimpleNamespace:
-    """The ops to call for tensors on ``device_type`` under ``impl``.
-
-    ``"torch"``: the pure-torch twins, always. ``"native"``: the dispatched ops, and an error
-    if no compiled kernel exists for the device. ``"auto"``: the dispatched ops; the dispatcher
-    runs the compiled kernel when there is one and the pure-torch twin otherwise, and this
-    warns once per device type when the compiled kernel is missing.
-    """
-    check_impl(impl)
-    if impl == "torch":
-        return _PURE_TORCH
-    compiled = _extension.native_device_types()
-    if device_type not in compiled:
-        why = _extension.unavailable_reason(device_type)
-        if impl == "native":
-            raise RuntimeError(f"impl='native' but fastscale has no compiled kernel for {device_type}: {why}")
-        if device_type not in _warned:
-            _warned.add(device_type)
-            warnings.warn(
-                f"fastscale: no compiled kernel for {device_type} ({why}); using the pure-torch path",
-                stacklevel=3,
-            )
-    return _DISPATCHED
+def check_native(device_type: str, required: bool) -> None:
+    """Whether the dispatched ops run a compiled kernel for ``device_type``. When not:
+    ``required`` (``fused=True``) raises; otherwise one warning per device type says the
+    pure-torch twin (the ops' default kernel) runs instead."""
+    if device_type in _extension.native_device_types():
+        return
+    why = _extension.unavailable_reason(device_type)
+    if required:
+        raise RuntimeError(f"fused=True but fastscale has no compiled kernel for {device_type}: {why}")
+    if device_type not in _warned:
+        _warned.add(device_type)
+        warnings.warn(f"fastscale: no compiled kernel for {device_type} ({why}); using the pure-torch path",
+                      stacklevel=4)

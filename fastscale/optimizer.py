@@ -1,40 +1,77 @@
-"""FusedScaledSGD: torch.optim.SGD with batch-size lr scaling, warmup and noise-scale statistics."""
+"""FusedScaledSGD: torch.optim.SGD with batch-size lr scaling, warmup and noise-scale statistics.
+
+Shaped like ``torch/optim/sgd.py``: this class validates and collects each group's tensors;
+:func:`fastscale.functional.fused_scaled_sgd` computes; the
+:class:`~fastscale.noise_scale.StatisticsTracker` owns everything the statistics keep between
+calls. Every public method checks all its input before its first write, so a call that
+raises leaves parameters, buffers, the step counter and the statistics as they were.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections import defaultdict
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import ops
 from . import scaling as lr_scaling
-from .noise_scale import NoiseScaleConfig, NoiseScaleEstimator
+from .functional import fused_scaled_sgd
+from .noise_scale import (
+    Measurement,
+    NoiseScaleConfig,
+    NoiseScaleEstimator,
+    StatisticsTracker,
+    _amp_divisor,
+    check_grad_scaler,
+    check_loss_scale,
+    device_scalar,
+)
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_REAL = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_COMPLEX = (torch.complex64, torch.complex128)
 _STATE_KEY = "fastscale"  # non-parameter key of the state dict: never cast to a param's dtype
+_SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach", "fused",
+             "differentiable")
 
 
-def _check_scalar(name: str, value, allow_tensor: bool = False) -> None:
-    if isinstance(value, Tensor) and allow_tensor:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _divide_amp_scale(t: Tensor, grad_scaler) -> Tensor:
-    """t / s² for the scale s of an enabled GradScaler, read as a device tensor (get_scale() syncs)."""
-    if grad_scaler is None or not grad_scaler.is_enabled():
-        return t
-    return t / grad_scaler._get_scale_async().to(device=t.device, dtype=t.dtype).square()
-
-
-def _skipped_on_host(found_inf: Tensor | None) -> bool:
-    """Whether an AMP step is skipped. Reads a CUDA flag, so only called when it must be known."""
-    return found_inf is not None and bool(found_inf.item())
+def _check_sgd_options(group: dict) -> None:
+    """torch.optim.SGD's checks, with torch's messages, plus type checks torch leaves out."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    elif not _is_number(lr):
+        raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    for key in ("momentum", "dampening", "weight_decay"):
+        if not _is_number(group[key]):
+            raise TypeError(f"{key} must be a float, got {type(group[key]).__name__}")
+    if group["momentum"] < 0.0:
+        raise ValueError(f"Invalid momentum value: {group['momentum']}")
+    if group["weight_decay"] < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+    for key in ("nesterov", "maximize", "differentiable"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"{key} must be a bool, got {group[key]!r}")
+    for key in ("foreach", "fused"):
+        if group[key] is not None and not isinstance(group[key], bool):
+            raise TypeError(f"{key} must be None or a bool, got {group[key]!r}")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    if group["fused"]:
+        if group["differentiable"]:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if group["foreach"]:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
 class FusedScaledSGD(Optimizer):
@@ -45,11 +82,16 @@ class FusedScaledSGD(Optimizer):
     ``torch.optim.SGD`` computes, step for step. Otherwise each group's rate is
     ``group["lr"] · scale(batch_size / base_batch_size) · warmup(step)``
     (see :mod:`fastscale.scaling`), so lr schedulers that edit ``group["lr"]`` keep working.
+    ``group["lr"]`` stays the rate you and your schedulers set; the rate applied is
+    :meth:`applied_lr` (device tensors, no sync) or :meth:`current_lr` (floats).
 
     Args:
         params, lr, momentum, dampening, weight_decay, nesterov, maximize: as torch.optim.SGD.
-        foreach, fused: accepted for compatibility; the step is always fused.
-        differentiable: must be False (the fused step is not differentiable).
+        foreach, fused: as torch.optim.SGD. ``fused=None`` (default) calls the compiled kernel
+            where one is built for the device (else the pure-torch twin, with one warning);
+            ``fused=True`` requires the compiled kernel; ``fused=False`` or an explicit
+            ``foreach`` runs the pure-torch twin (``torch._foreach_*`` ops).
+        differentiable: as torch.optim.SGD: the step runs the pure-torch twin under autograd.
         batch_size: current batch size (None: no scaling). Change it with :meth:`set_batch_size`.
         base_batch_size: the batch size ``lr`` was tuned for (default: the first ``batch_size``).
         scaling: ``"linear"`` (default), ``"sqrt"``, ``"noise"`` or ``"none"``.
@@ -59,8 +101,6 @@ class FusedScaledSGD(Optimizer):
         noise_fallback: for ``scaling="noise"``, the B_noise used until the live estimate has
             warmed up (default: ``base_batch_size``, a cautious scale between 1 and 2).
         noise_scale: ``True`` or a :class:`NoiseScaleConfig` to estimate the gradient noise scale.
-        impl: ``"auto"`` (compiled kernels where built, else pure torch), ``"native"`` (compiled
-            or error), ``"torch"`` (pure torch).
 
     The scaling and warmup options may be overridden per param group.
     """
@@ -85,86 +125,85 @@ class FusedScaledSGD(Optimizer):
         warmup_start_factor: float | None = None,
         noise_fallback: float | None = None,
         noise_scale: bool | NoiseScaleConfig = False,
-        impl: str = "auto",
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        _check_scalar("lr", lr, allow_tensor=True)
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        _check_scalar("momentum", momentum)
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        _check_scalar("weight_decay", weight_decay)
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        _check_scalar("dampening", dampening)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if differentiable:
-            raise ValueError("differentiable=True is not supported: the fused step is not differentiable")
-        self._impl = ops.check_impl(impl)
-        self._noise_config = NoiseScaleConfig.from_arg(noise_scale)
-        if base_batch_size is None:
-            base_batch_size = lr_scaling.check_batch_size("batch_size", batch_size)
         defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-            foreach=foreach,
-            differentiable=False,
-            fused=fused,
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
             batch_size=batch_size,
-            base_batch_size=base_batch_size,
-            scaling=scaling,
-            warmup_steps=warmup_steps,
-            warmup_start_factor=warmup_start_factor,
+            base_batch_size=batch_size if base_batch_size is None else base_batch_size,
+            scaling=scaling, warmup_steps=warmup_steps, warmup_start_factor=warmup_start_factor,
             noise_fallback=noise_fallback,
         )
-        self._ops_by_device: dict[str, object] = {}
-        self._step_count: Tensor  # 0-dim device tensor: steps taken (skipped AMP steps excluded)
-        self._estimator: NoiseScaleEstimator | None = None
-        self._last_norms: Tensor | None = None  # per-tensor |g|² of the last step
-        self._snapshots: dict[Tensor, Tensor] = {}
-        self._last_big_batch = None  # examples behind the last estimate, when no batch_size is set
-        self._reset_pending()
-        super().__init__(params, defaults)
+        _check_sgd_options(defaults)
+        self._noise_config = NoiseScaleConfig.from_arg(noise_scale)
+        self._check_options(defaults)
+        super().__init__(params, defaults)  # each group is checked by add_param_group
         # GradScaler passes grad_scale/found_inf to step() instead of unscaling and syncing.
         self._step_supports_amp_scaling = True
-        self._init_device_state()  # before any step, compiled or not
+        params = self._all_params()
+        device = params[0].device if params else torch.device("cpu")
+        self._step_count = device_scalar(0.0, device, torch.float32 if device.type == "mps" else torch.float64)
+        self.statistics = StatisticsTracker(self._noise_config, params, device)
+        self._caches()
+
+    def _caches(self) -> None:
+        self._checked: dict[int, tuple] = {}  # group index -> options last validated
+        self._lr_cache: dict[int, tuple] = {}  # group index -> (key, lr tensor) while constant
+
+    # ----------------------------------------------------------------- copies
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update(_noise_config=self._noise_config, _step_count=self._step_count, statistics=self.statistics,
+                     _step_supports_amp_scaling=True)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._caches()
 
     # ----------------------------------------------------------------- param groups
-    def add_param_group(self, param_group: dict) -> None:
-        # Validate a copy first so a bad group changes nothing.
-        probe = dict(self.defaults)
-        probe.update({k: v for k, v in param_group.items() if k != "params"})
-        if "batch_size" in param_group and "base_batch_size" not in param_group:
-            probe["base_batch_size"] = probe["base_batch_size"] or param_group["batch_size"]
-        lr_scaling.check_group_options(probe)
-        for key in ("lr", "momentum", "dampening", "weight_decay"):
-            _check_scalar(key, probe[key], allow_tensor=key == "lr")
-        if probe["nesterov"] and (probe["momentum"] <= 0 or probe["dampening"] != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if "batch_size" in param_group and "base_batch_size" not in param_group:
-            param_group["base_batch_size"] = probe["base_batch_size"]
-        super().add_param_group(param_group)
-        self._reindex()
-
-    def _reindex(self) -> None:
-        """Position of every parameter across all groups: the index of per-tensor statistics."""
-        self._param_index = {}
+    def _all_params(self) -> list[Tensor]:
+        """Every parameter once, in group order: the index of per-tensor statistics."""
+        seen, out = set(), []
         for group in self.param_groups:
             for p in group["params"]:
-                self._param_index[p] = len(self._param_index)
-        self._index_cache: dict[tuple, Tensor] = {}
-        self._all_present = None
-        self._plans: dict[tuple, list] = {}  # bucketing of a set of parameters, see _buckets
-        self._lr_cache: dict[int, tuple] = {}
-        if self._estimator is not None:
-            self._estimator.resize(len(self._param_index))
+                if p not in seen:
+                    seen.add(p)
+                    out.append(p)
+        return out
+
+    def _check_options(self, group: dict) -> None:
+        _check_sgd_options(group)
+        lr_scaling.check_group_options(group)
+        if group["scaling"] == "noise" and self._noise_config is None:
+            raise ValueError('scaling="noise" needs noise_scale=True (the live B_noise estimate)')
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        # Validate a copy (torch's checks, then ours) and commit only when all pass.
+        probe = dict(param_group)
+        if "batch_size" in probe and "base_batch_size" not in probe:
+            probe["base_batch_size"] = self.defaults["base_batch_size"] or probe["batch_size"]
+        super().add_param_group(probe)  # appends the probe on success
+        try:
+            self._check_options(probe)
+            lr_scaling.check_warmup_has_a_ramp(probe)
+            if probe["fused"]:
+                for p in probe["params"]:
+                    ops.check_native(p.device.type, required=True)
+            tracker = None
+            if hasattr(self, "statistics"):  # not during __init__
+                tracker = self.statistics.with_params(self._all_params())
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        param_group.clear()
+        param_group.update(probe)
+        self.param_groups[-1] = param_group
+        if tracker is not None:
+            self.statistics = tracker
+            self._caches()
 
     @property
     def noise_scale_config(self) -> NoiseScaleConfig | None:
@@ -174,49 +213,24 @@ class FusedScaledSGD(Optimizer):
     def set_batch_size(self, batch_size: int, group: int | None = None) -> None:
         """Change the batch size of every group (or of group index ``group``); the scale follows."""
         batch_size = lr_scaling.check_batch_size("batch_size", batch_size, allow_none=False)
+        if group is not None and (
+            isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(self.param_groups)
+        ):
+            raise ValueError(f"group must be None or a group index in [0, {len(self.param_groups)}), got {group!r}")
         groups = self.param_groups if group is None else [self.param_groups[group]]
         for g in groups:
             g["batch_size"] = batch_size
             if g["base_batch_size"] is None:
                 g["base_batch_size"] = batch_size
 
-    # ----------------------------------------------------------------- device-side state
-    def _stats_device(self) -> torch.device:
-        for group in self.param_groups:
-            for p in group["params"]:
-                return p.device
-        return torch.device("cpu")
-
-    def _init_device_state(self) -> None:
-        """The step counter and estimator, fresh, on the device of the first parameter."""
-        device = self._stats_device()
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        self._step_count = torch.zeros((), dtype=dtype, device=device)
-        if self._noise_config is not None:
-            self._estimator = NoiseScaleEstimator(self._noise_config, len(self._param_index), device)
-
-    def _ops_for(self, device: torch.device):
-        found = self._ops_by_device.get(device.type)
-        if found is None:
-            found = self._ops_by_device[device.type] = ops.resolve(self._impl, device.type)
-        return found
-
-    def _index_tensor(self, positions: list[int], device: torch.device) -> Tensor:
-        key = (device, tuple(positions))
-        found = self._index_cache.get(key)
-        if found is None:
-            found = self._index_cache[key] = torch.tensor(positions, dtype=torch.long, device=device)
-        return found
-
+    # ----------------------------------------------------------------- learning rate
     def _group_scale(self, group: dict):
         scale = lr_scaling.host_scale(group)
         if scale is not None:
             return scale
         # Until the estimate warms up: B_noise = base batch size, a cautious scale in [1, 2).
         fallback = group["noise_fallback"] or group["base_batch_size"] or math.inf
-        if self._estimator is None:
-            raise RuntimeError('scaling="noise" needs noise_scale=True (the live B_noise estimate)')
-        return lr_scaling.noise_scale_factor(group, self._estimator.b_noise(fallback))
+        return lr_scaling.noise_scale_factor(group, self.statistics.estimator.b_noise(fallback))
 
     def _effective_lr(self, index: int, group: dict) -> Tensor:
         scale = self._group_scale(group)
@@ -229,156 +243,110 @@ class FusedScaledSGD(Optimizer):
             cached = self._lr_cache[index] = (key, lr_scaling.effective_lr(group, self._step_count, scale))
         return cached[1]
 
+    def applied_lr(self) -> list[Tensor]:
+        """The rate each group's next step applies, as 1-element device tensors (no sync): what
+        to log as "the learning rate" (``group["lr"]`` is the unscaled rate schedulers edit)."""
+        self._check_groups()
+        return [lr_scaling.effective_lr(g, self._step_count, self._group_scale(g)) for g in self.param_groups]
+
     def current_lr(self) -> list[float]:
-        """The effective learning rate of each group for the next step (synchronises)."""
-        return [
-            lr_scaling.effective_lr(g, self._step_count, self._group_scale(g)).item()
-            for g in self.param_groups
-        ]
+        """:meth:`applied_lr` as floats (synchronises)."""
+        return [t.item() for t in self.applied_lr()]
 
     # ----------------------------------------------------------------- the step
-    @torch.no_grad()
+    def _check_groups(self) -> None:
+        """Group options edited by hand are validated before the next step uses them."""
+        for index, group in enumerate(self.param_groups):
+            key = tuple(id(group[k]) if isinstance(group[k], Tensor) else group[k] for k in
+                        (*_SGD_KEYS, *lr_scaling.GROUP_KEYS))
+            if self._checked.get(index) != key:
+                self._check_options(group)
+                self._checked[index] = key
+
+    def _collect(self, group: dict):
+        """The group's parameters with gradients (each once), their gradients and buffers."""
+        params, seen = [], set()
+        for p in group["params"]:
+            if p.grad is not None and p not in seen:
+                seen.add(p)
+                params.append(p)
+        grads = [p.grad for p in params]
+        for p, g in zip(params, grads):
+            if p.dtype not in _REAL + _COMPLEX or g.dtype != p.dtype:
+                raise TypeError(
+                    f"FusedScaledSGD steps parameters of dtype {[str(d) for d in _REAL + _COMPLEX]} with gradients "
+                    f"of the same dtype; got parameter {p.dtype}, gradient {g.dtype}"
+                )
+            if g.is_sparse and (group["fused"] or group["differentiable"]):
+                raise RuntimeError("sparse gradients need fused=None or False and differentiable=False")
+        if group["fused"] is None and group["foreach"] is None and not group["differentiable"]:
+            for device_type in {p.device.type for p in params}:
+                ops.check_native(device_type, required=False)
+        elif group["fused"]:
+            for device_type in {p.device.type for p in params}:
+                ops.check_native(device_type, required=True)
+        bufs = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
+        return params, grads, bufs
+
+    @_use_grad_for_differentiable
     def step(self, closure=None):
         """Perform a single optimization step (closure: as torch.optim.SGD)."""
+        self._check_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        step_count = self._step_count
+        collected = [self._collect(group) for group in self.param_groups]  # every check before a write
         norms, positions = [], []
-        for index, group in enumerate(self.param_groups):
-            lr = self._effective_lr(index, group)
-            for device, params, grads, positions_ in self._buckets(group):
-                on_device = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-                kwargs = dict(
-                    lr=on_device(lr),
-                    weight_decay=group["weight_decay"],
-                    momentum=group["momentum"],
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                    maximize=group["maximize"],
-                    grad_scale=on_device(grad_scale),
-                    found_inf=on_device(found_inf),
-                )
-                fused_sgd_ = self._ops_for(device).fused_sgd_
-                if group["momentum"] == 0:
-                    norms.append(fused_sgd_(params, grads, [], is_first_step=False, **kwargs))
-                    positions += positions_
-                    continue
-                states = [self.state[p] for p in params]
-                bufs = [state.get("momentum_buffer") for state in states]
-                new = [i for i, b in enumerate(bufs) if b is None]
-                if not new:
-                    norms.append(fused_sgd_(params, grads, bufs, is_first_step=False, **kwargs))
-                    positions += positions_
-                    continue
-                # torch's fused SGD treats a group as "first step" only when no buffer exists and
-                # raises when some do; here parameters without a buffer get theirs this step.
-                old = [i for i, b in enumerate(bufs) if b is not None]
-                for first, part in ((False, old), (True, new)):
-                    if not part:
-                        continue
-                    ps = [params[i] for i in part]
-                    if first:
-                        part_bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in ps]
-                    else:
-                        part_bufs = [bufs[i] for i in part]
-                    norms.append(fused_sgd_(ps, [grads[i] for i in part], part_bufs, is_first_step=first, **kwargs))
-                    positions += [positions_[i] for i in part]
-                    # A step skipped for an AMP overflow leaves no buffer behind (torch's fused
-                    # SGD keeps uninitialised ones). Only buffer-creating steps read the flag.
-                    if first and not _skipped_on_host(kwargs["found_inf"]):
-                        for i, b in zip(part, part_bufs):
-                            states[i]["momentum_buffer"] = b
-        self._record_statistics(norms, positions, found_inf)
+        for index, (group, (params, grads, bufs)) in enumerate(zip(self.param_groups, collected)):
+            if not params:
+                continue
+            pure_torch = group["fused"] is False or (group["foreach"] is not None and not group["fused"])
+            norms.append(fused_scaled_sgd(
+                params, grads, bufs,
+                lr=self._effective_lr(index, group),
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                fused=False if pure_torch else group["fused"],
+                differentiable=group["differentiable"],
+            ).detach())
+            positions += self.statistics.positions(params)
+            if group["momentum"] != 0:
+                for p, b in zip(params, bufs):
+                    if b is not None:
+                        self.state[p]["momentum_buffer"] = b
+        last, _ = self.statistics._vector(norms, positions)
+        self.statistics.on_step(last, found_inf, default_total=self.param_groups[0]["batch_size"])
         if found_inf is None:
-            step_count.add_(1)
+            self._step_count.add_(1)
         else:
-            step_count.add_(1 - found_inf.to(device=step_count.device, dtype=step_count.dtype))
+            self._step_count.add_(1 - found_inf.to(device=self._step_count.device, dtype=self._step_count.dtype))
         return loss
 
-    def _buckets(self, group: dict) -> list:
-        """(device, params, grads, positions) for each (device, dtype) among the parameters
-        with gradients: one op call each. The split is cached per set of parameters."""
-        params = [p for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        dtypes = tuple(p.dtype for p in params)
-        for p, g, dtype in zip(params, grads, dtypes):
-            if g.is_sparse:
-                raise RuntimeError("FusedScaledSGD does not support sparse gradients")
-            if dtype not in _DTYPES or g.dtype != dtype:
-                raise TypeError(
-                    f"FusedScaledSGD supports parameters and gradients of one dtype among "
-                    f"{[str(d) for d in _DTYPES]}; got parameter {dtype}, gradient {g.dtype}"
-                )
-        key = (tuple(map(id, params)), dtypes)
-        plan = self._plans.get(key)
-        if plan is None:
-            split = defaultdict(list)
-            for i, p in enumerate(params):
-                split[(p.device, p.dtype)].append(i)
-            plan = self._plans[key] = [
-                (device, idx, [self._param_index[params[i]] for i in idx]) for (device, _), idx in split.items()
-            ]
-        if len(plan) == 1:
-            return [(plan[0][0], params, grads, plan[0][2])]
-        return [(device, [params[i] for i in idx], [grads[i] for i in idx], pos) for device, idx, pos in plan]
+    # ----------------------------------------------------------------- statistics sources
+    def _buckets_for_accumulation(self) -> list[list[Tensor]]:
+        buckets: dict = {}
+        for p in self.statistics.params:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError("accumulate_grad does not support sparse gradients")
+            if p.dtype not in _REAL + _COMPLEX or p.grad.dtype != p.dtype:
+                raise TypeError(f"accumulate_grad: unsupported parameter/gradient dtypes {p.dtype}/{p.grad.dtype}")
+            key = (p.device, p.dtype)
+            buckets.setdefault(key, []).append(p)
+        return list(buckets.values())
 
-    # ----------------------------------------------------------------- statistics
-    def _reset_pending(self) -> None:
-        self._micro = None  # dict while micro-batch gradients are being accumulated
-        self._small = None  # (mean |G_small|², B_small, B_big, loss_scale, per-tensor or None)
-
-    def _gather(self, norms: list[Tensor], positions: list[int]):
-        """Per-tensor vector (all parameters, 0 where absent) and a mask of those present."""
-        device = self._step_count.device
-        n = len(self._param_index)
-        if len(norms) == 1 and len(positions) == n and positions == list(range(n)):
-            # Common case, one op call covering every parameter in order: no scatter needed.
-            if self._all_present is None or self._all_present.numel() != n:
-                self._all_present = torch.ones(n, dtype=torch.bool, device=device)
-            return norms[0].to(device, non_blocking=True), self._all_present
-        vec = torch.zeros(n, dtype=torch.float32, device=device)
-        present = torch.zeros(n, dtype=torch.bool, device=device)
-        if positions:
-            idx = self._index_tensor(positions, device)
-            vec.index_copy_(0, idx, torch.cat([t.to(device, non_blocking=True) for t in norms]))
-            present.index_fill_(0, idx, True)
-        return vec, present
-
-    def _record_statistics(self, norms: list[Tensor], positions: list[int], found_inf) -> None:
-        big_pt, present = self._gather(norms, positions)
-        self._last_norms = big_pt
-        micro, small = self._micro, self._small
-        self._reset_pending()
-        est = self._estimator
-        if est is None or not positions:
-            return
-        big = big_pt.double().sum()
-        if micro is not None:
-            k = micro["count"]
-            if k < 2:
-                return  # one micro-batch: both norms are of the same gradient
-            c, b = micro["loss_scale"], micro["batch_size"]
-            total_c = sum(c)
-            # p.grad = Σ c_i·G_i, an unbiased gradient of variance tr(Σ)·Σc_i²/b_i / (Σc_i)².
-            b_big = total_c**2 / sum(ci * ci / bi for ci, bi in zip(c, b))
-            b_small = k / sum(1.0 / bi for bi in b)  # mean of |G_i|² has variance term tr(Σ)·mean(1/b_i)
-            self._last_big_batch = sum(b)
-            small_pt = micro["sq_pt"] / k
-            est.update(
-                small_pt.double().sum(), big / total_c**2, b_small, b_big, found_inf,
-                small_pt, big_pt / total_c**2, present,
-            )
-        elif small is not None:
-            sq, b_small, b_big, loss_scale, sq_pt = small
-            if not b_big > b_small:
-                return
-            big_scaled = big_pt / loss_scale**2
-            est.update(sq, big / loss_scale**2, b_small, b_big, found_inf, sq_pt, big_scaled, present)
-            self._last_big_batch = b_big
+    def _accumulate_op(self, device: torch.device):
+        d = self.defaults
+        return ops.accumulate_grad_ if d["fused"] is not False and d["foreach"] is None else ops.pure_torch.accumulate_grad_
 
     @torch.no_grad()
     def accumulate_grad(self, batch_size: int | None = None, loss_scale: float = 1.0, grad_scaler=None) -> None:
@@ -388,77 +356,50 @@ class FusedScaledSGD(Optimizer):
         gradient clipping and GradScaler's inf check see the whole gradient, and ``step()``
         matches plain accumulation); this takes each micro-batch's squared gradient norm in one
         fused pass, for the noise-scale estimate (B_small = micro-batch, B_big = all of them).
+        The big-batch norm is that of the accumulated gradient as the last call saw it, so
+        clipping or unscaling ``.grad`` before ``step()`` does not change the statistics.
 
         Args:
             batch_size: examples in this micro-batch (default: the group ``batch_size`` divided
-                by the number of micro-batches, so equal micro-batches).
+                by the number of micro-batches, so equal micro-batches). Give it for every
+                micro-batch of a step or for none.
             loss_scale: how this micro-batch's loss was scaled relative to the mean loss over
                 its examples: 1 for a mean loss, ``1/k`` if you divided it by the number of
                 micro-batches k, the micro-batch size for a sum-reduced loss.
             grad_scaler: the ``torch.amp.GradScaler`` whose ``scale(loss)`` you backpropagated,
                 so its scale is divided out of the statistics (no sync).
+
+        A parameter whose gradient first appears in a later micro-batch counts from there;
+        gradients reset outside the optimizer (``model.zero_grad()``, ``p.grad = None``) start
+        a new accumulation; a second call with no backward in between raises.
         """
         batch_size = lr_scaling.check_batch_size("batch_size", batch_size)
-        _check_scalar("loss_scale", loss_scale)
-        if not loss_scale > 0:
-            raise ValueError(f"loss_scale must be > 0, got {loss_scale!r}")
-        if self._small is not None:
-            raise RuntimeError("this step already has small-batch norms from another source; use one per step")
-        first = self._micro is None
-        positions, norms = [], []
-        for group in self.param_groups:
-            for device, params, grads, positions_ in self._buckets(group):
-                if first:
-                    snaps = []
-                    for p in params:
-                        snap = self._snapshots.get(p)
-                        if snap is None or snap.shape != p.shape or snap.dtype != p.dtype:
-                            snap = self._snapshots[p] = torch.empty_like(p)
-                        snaps.append(snap)
-                else:
-                    snaps = [self._snapshots[p] for p in params]
-                norms.append(self._ops_for(device).accumulate_grad_(snaps, grads, first=first))
-                positions += positions_
-        sq_pt, _ = self._gather(norms, positions)
-        sq_pt = _divide_amp_scale(sq_pt, grad_scaler) / loss_scale**2
-        if first:
-            self._micro = dict(count=0, loss_scale=[], batch_size=[], sq_pt=sq_pt)
-        else:
-            self._micro["sq_pt"] = self._micro["sq_pt"] + sq_pt
-        micro = self._micro
-        micro["count"] += 1
-        micro["loss_scale"].append(float(loss_scale))
-        micro["batch_size"].append(batch_size)
-        self._fill_micro_batch_sizes()
+        loss_scale = check_loss_scale(loss_scale)
+        check_grad_scaler(grad_scaler)
+        buckets = self._buckets_for_accumulation()
+        self.statistics.accumulate(
+            buckets, self._accumulate_op, batch_size=batch_size, loss_scale=loss_scale,
+            grad_scaler=grad_scaler, default_total=self.param_groups[0]["batch_size"],
+        )
 
-    def _fill_micro_batch_sizes(self) -> None:
-        """Equal micro-batches of the group batch size when their sizes were not given."""
-        micro = self._micro
-        if all(b is not None for b in micro["batch_size"]):
-            return
-        total = self.param_groups[0]["batch_size"]
-        if total is None:
-            if self._estimator is not None:
-                raise ValueError(
-                    "accumulate_grad needs batch_size= (the micro-batch size) when the optimizer "
-                    "has no batch_size"
-                )
-            total = micro["count"]
-        micro["batch_size"] = [total / micro["count"]] * micro["count"]
-
+    @torch.no_grad()
     def observe_per_example_norms(self, sq_norms: Tensor, loss_scale: float = 1.0, grad_scaler=None) -> None:
         """Feed this step's per-example squared gradient norms (B_small = 1, B_big = batch).
 
         ``sq_norms[i]`` is |∇ℓ_i|², the squared norm of example i's own loss gradient (see
         :class:`fastscale.PerExampleGradNorms`). ``loss_scale``: ``.grad`` equals loss_scale ×
         the mean gradient over the batch (1 for a mean loss, the batch size for a sum).
-        ``grad_scaler``: as in :meth:`accumulate_grad`. Takes effect at the next ``step()``.
+        ``grad_scaler``: as in :meth:`accumulate_grad`. Call it after the backward and before
+        anything edits ``.grad`` (clipping): the big-batch norm is read from ``.grad`` now.
         """
-        if not isinstance(sq_norms, Tensor) or sq_norms.dim() != 1:
-            raise TypeError("sq_norms must be a 1-D tensor of per-example squared gradient norms")
-        sq = sq_norms.detach().to(self._step_count.device).double().mean()
+        if not isinstance(sq_norms, Tensor) or sq_norms.dim() != 1 or not sq_norms.is_floating_point():
+            raise TypeError("sq_norms must be a 1-D float tensor of per-example squared gradient norms")
+        if sq_norms.numel() < 2:
+            raise ValueError(f"sq_norms must hold at least 2 examples, got {sq_norms.numel()}")
+        sq = sq_norms.detach().to(self.statistics.device).double().mean().reshape(1)
         self.observe_small_batch_norms(sq, 1, sq_norms.numel(), loss_scale, grad_scaler)
 
+    @torch.no_grad()
     def observe_small_batch_norms(
         self,
         mean_sq_norm: Tensor,
@@ -467,51 +408,75 @@ class FusedScaledSGD(Optimizer):
         loss_scale: float = 1.0,
         grad_scaler=None,
         per_tensor: Tensor | None = None,
+        *,
+        big_per_tensor: Tensor | None = None,
     ) -> None:
         """Feed this step's mean squared norm of gradients over ``small_batch_size`` examples.
 
         The generic source behind the per-example and data-parallel ones: ``mean_sq_norm`` is a
-        0-dim tensor, the mean of |G_small|² over the small batches that make up this step's
-        ``big_batch_size`` examples; the big-batch norm comes from the step itself, where
-        ``.grad`` = loss_scale × the mean gradient. ``per_tensor``: optionally the same per
-        parameter tensor, indexed like :meth:`gradient_stats`. Takes effect at the next step().
+        1-element tensor, the mean of |G_small|² (true mean gradients: loss scale divided out)
+        over the small batches that make up this step's ``big_batch_size`` examples.
+        ``per_tensor``: optionally the same per parameter tensor, indexed like
+        :meth:`gradient_stats`. The big-batch norm is read from ``.grad`` now (call this
+        before clipping), where ``.grad`` = loss_scale × the mean gradient; a source that
+        measured it earlier passes it per tensor as ``big_per_tensor`` (in ``.grad``'s scale).
         """
-        _check_scalar("loss_scale", loss_scale)
-        if not loss_scale > 0:
-            raise ValueError(f"loss_scale must be > 0, got {loss_scale!r}")
-        _check_scalar("small_batch_size", small_batch_size)
-        _check_scalar("big_batch_size", big_batch_size)
-        if not 0 < small_batch_size:
-            raise ValueError(f"small_batch_size must be > 0, got {small_batch_size!r}")
+        loss_scale = check_loss_scale(loss_scale)
+        check_grad_scaler(grad_scaler)
+        for name, value in (("small_batch_size", small_batch_size), ("big_batch_size", big_batch_size)):
+            if not _is_number(value) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not big_batch_size > small_batch_size:
+            raise ValueError(f"big_batch_size ({big_batch_size}) must exceed small_batch_size ({small_batch_size})")
         if not isinstance(mean_sq_norm, Tensor) or mean_sq_norm.numel() != 1:
             raise TypeError("mean_sq_norm must be a 1-element tensor")
-        if self._micro is not None or self._small is not None:
+        n = len(self.statistics.params)
+        for name, value in (("per_tensor", per_tensor), ("big_per_tensor", big_per_tensor)):
+            if value is not None and (not isinstance(value, Tensor) or value.shape != (n,)):
+                raise ValueError(f"{name} must be a tensor of shape ({n},), one entry per parameter tensor, "
+                                 f"got {getattr(value, 'shape', type(value).__name__)}")
+        if self.statistics.estimator is None:
+            raise RuntimeError("this optimizer has no noise-scale estimator: build it with noise_scale=True")
+        if self.statistics.pending:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
-        device = self._step_count.device
-        sq = mean_sq_norm.detach().reshape(()).to(device).double()
-        if per_tensor is not None:
-            per_tensor = per_tensor.detach().to(device=device, dtype=torch.float32)
-        sq = _divide_amp_scale(sq, grad_scaler)
-        if per_tensor is not None:
-            per_tensor = _divide_amp_scale(per_tensor, grad_scaler)
-        self._small = (sq, float(small_batch_size), float(big_batch_size), float(loss_scale), per_tensor)
+        device = self.statistics.device
+        if big_per_tensor is None:
+            big_pt, present = self.statistics.grad_sq_norms(self.statistics.params)
+        else:
+            big_pt, present = big_per_tensor.detach().to(device, torch.float32), None
+        big_pt = big_pt.double() / loss_scale**2
+        sq = mean_sq_norm.detach().reshape(1).to(device).double()
+        small_pt = None if per_tensor is None else per_tensor.detach().to(device).double()
+        divisor = _amp_divisor(grad_scaler, device)
+        if divisor is not None:
+            sq, big_pt = sq * divisor, big_pt * divisor
+            small_pt = None if small_pt is None else small_pt * divisor
+        self.statistics.observe(Measurement(
+            small_sq=sq, big_sq=big_pt.sum().reshape(1), b_small=float(small_batch_size),
+            b_big=float(big_batch_size), small_pt=None if small_pt is None else small_pt.float(),
+            big_pt=big_pt.float(), present=present, examples=float(big_batch_size),
+        ))
 
+    # ----------------------------------------------------------------- readout
     def noise_scale(self) -> float:
         """The current estimate of B_simple = tr(Σ)/|G|² (synchronises)."""
+        if self.statistics.estimator is None:
+            raise RuntimeError("noise_scale() needs the optimizer built with noise_scale=True")
         return self.gradient_stats()["b_simple"]
 
     def gradient_stats(self) -> dict:
         """Host copy of the statistics: the noise-scale estimate (|G|², tr(Σ), B_simple, per
         tensor), the steps/examples trade-off at the current batch size, and the last step's
         squared gradient norms. Reading synchronises with the device; nothing else does."""
+        stats = self.statistics
         out = {"steps": int(self._step_count.item())}
-        if self._last_norms is not None:
-            out["last_grad_sq_norm"] = float(self._last_norms.double().sum())
-            out["last_grad_sq_norm_per_tensor"] = self._last_norms.cpu().tolist()
-        if self._estimator is None:
+        if stats.last_norms is not None:
+            out["last_grad_sq_norm"] = float(stats.last_norms.double().sum())
+            out["last_grad_sq_norm_per_tensor"] = stats.last_norms.cpu().tolist()
+        if stats.estimator is None:
             return out
-        out.update(self._estimator.read())
-        b, b_noise = self.param_groups[0]["batch_size"] or self._last_big_batch, out["b_simple"]
+        out.update(stats.estimator.read())
+        b, b_noise = self.param_groups[0]["batch_size"] or stats.last_examples, out["b_simple"]
         if b is not None and b_noise > 0:
             # McCandlish et al. eq. 2.11: S = S_min(1 + B_noise/B), E = E_min(1 + B/B_noise).
             out["batch_size"] = b
@@ -521,33 +486,71 @@ class FusedScaledSGD(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        self._reset_pending()  # a fresh gradient starts a fresh accumulation
+        self.statistics.reset()  # a fresh gradient starts a fresh accumulation
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         sd = super().state_dict()
         ours = {"step": self._step_count.clone()}
-        if self._estimator is not None:
-            ours["noise_scale"] = self._estimator.state_dict()
+        if self.statistics.estimator is not None:
+            ours["noise_scale"] = self.statistics.estimator.state_dict()
         sd["state"][_STATE_KEY] = ours
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this optimizer or of ``torch.optim.SGD``. Everything is checked
+        before anything is loaded."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
         ours = state_dict["state"].pop(_STATE_KEY, None)
-        # Our group options survive loading a plain torch.optim.SGD state dict.
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        # Our options survive loading a plain torch.optim.SGD state dict: the merged groups are
+        # what will be installed, so they are what is checked.
+        for saved, mine in zip(saved_groups, self.param_groups):
+            merged = {**{k: v for k, v in mine.items() if k not in ("params", "param_names")}, **saved}
+            self._check_options(merged)
+        step, estimator = self._check_fastscale_state(ours)
+        id_map = {}
+        for saved, mine in zip(saved_groups, self.param_groups):
+            if len(saved.get("params", ())) != len(mine["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                                 "optimizer's group")
+            id_map.update(zip(saved["params"], mine["params"]))
+        for index, saved in state_dict["state"].items():
+            buf = saved.get("momentum_buffer") if isinstance(saved, dict) else None
+            p = id_map.get(index)
+            if isinstance(buf, Tensor) and p is not None and buf.shape != p.shape:
+                raise ValueError(f"momentum_buffer of parameter {index} has shape {tuple(buf.shape)}, "
+                                 f"the parameter {tuple(p.shape)}")
         extras = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        # --- committed: torch installed state and groups; install ours
         for group, mine in zip(self.param_groups, extras):
             for key, value in mine.items():
                 group.setdefault(key, value)
-            lr_scaling.check_group_options(group)
-        self._reindex()
-        self._reset_pending()
-        self._init_device_state()
+        self.statistics.reset()
+        if step is not None:
+            self._step_count.copy_(step)
+        if estimator is not None:
+            self.statistics.estimator = estimator
+        self._caches()
+
+    def _check_fastscale_state(self, ours):
+        """The step counter and estimator a saved ``"fastscale"`` entry would install, built
+        aside (None where absent): a corrupt entry raises before anything is loaded."""
         if ours is None:
-            return
-        self._step_count.copy_(ours["step"])
-        if self._estimator is not None and "noise_scale" in ours:
-            self._estimator.load_state_dict(ours["noise_scale"])
+            return None, None
+        if not isinstance(ours, dict):
+            raise TypeError(f"state['{_STATE_KEY}'] must be a dict, got {type(ours).__name__}")
+        step = ours.get("step")
+        if not isinstance(step, Tensor) or step.numel() != 1 or not bool(torch.isfinite(step).all()) or step.item() < 0:
+            raise ValueError(f"state['{_STATE_KEY}']['step'] must be a 1-element tensor >= 0, got {step!r}")
+        estimator = None
+        if self.statistics.estimator is not None and "noise_scale" in ours:
+            estimator = NoiseScaleEstimator(self._noise_config, len(self.statistics.params), self.statistics.device)
+            estimator.load_state_dict(ours["noise_scale"])
+        return step.detach().reshape(1), estimator

@@ -13,7 +13,7 @@ Effective learning rate of a param group at step t (t = steps taken so far)::
 
 where s is the warmup start factor: by default 1/scale, so the rate rises linearly per step from
 the unscaled group lr to the scaled one (Goyal et al. §2.2); ``warmup_steps=0`` means no warmup.
-The result is a 0-dim device tensor computed from device tensors (the step counter, B_noise)
+The result is a 1-element device tensor computed from device tensors (the step counter, B_noise)
 and host numbers passed as kernel arguments, so it never synchronises and never recompiles.
 """
 
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 SCALINGS = ("none", "linear", "sqrt", "noise")
+GROUP_KEYS = ("batch_size", "base_batch_size", "scaling", "warmup_steps", "warmup_start_factor", "noise_fallback")
 
 
 def check_batch_size(name: str, value, allow_none: bool = True):
@@ -51,8 +52,20 @@ def check_group_options(group: dict) -> None:
     ):
         raise ValueError(f"warmup_start_factor must be None or a float in [0, 1], got {start!r}")
     fallback = group["noise_fallback"]
-    if fallback is not None and (not isinstance(fallback, numbers.Real) or not fallback > 0):
+    if fallback is not None and (isinstance(fallback, bool) or not isinstance(fallback, numbers.Real) or not fallback > 0):
         raise ValueError(f"noise_fallback must be None (the base batch size) or a float > 0, got {fallback!r}")
+
+
+def check_warmup_has_a_ramp(group: dict) -> None:
+    """Refuse a warmup that would be flat: by default it starts from the unscaled rate, which
+    is the target when there is no batch-size ratio (checked when a group is added)."""
+    if group["warmup_steps"] and group["warmup_start_factor"] is None and host_scale(group) == 1.0:
+        raise ValueError(
+            f"warmup_steps={group['warmup_steps']} would do nothing: the default warmup ramps from the unscaled "
+            "lr to the lr scaled for batch_size/base_batch_size, and here that scale is 1. Give "
+            "warmup_start_factor= (e.g. 0.0 to ramp from 0), a batch_size other than base_batch_size, or "
+            "use one torch warmup scheduler (LinearLR) instead; do not combine both, their factors multiply"
+        )
 
 
 def batch_ratio(group: dict) -> float:
@@ -75,7 +88,7 @@ def host_scale(group: dict) -> float | None:
 
 
 def noise_scale_factor(group: dict, b_noise: Tensor) -> Tensor:
-    """(1 + B_noise/B0) / (1 + B_noise/B) as a 0-dim tensor; linear scaling while B_noise is inf."""
+    """(1 + B_noise/B0) / (1 + B_noise/B) as a 1-element tensor; linear scaling while B_noise is inf."""
     b, b0 = group["batch_size"], group["base_batch_size"]
     if b is None or b0 is None:
         return torch.ones_like(b_noise)
@@ -84,7 +97,7 @@ def noise_scale_factor(group: dict, b_noise: Tensor) -> Tensor:
 
 
 def effective_lr(group: dict, step: Tensor, scale: float | Tensor) -> Tensor:
-    """0-dim tensor on ``step``'s device: group lr × scale × warmup(step)."""
+    """Tensor shaped like ``step`` (1 element) on its device: group lr × scale × warmup(step)."""
     scale = scale if isinstance(scale, Tensor) else torch.full_like(step, scale)
     steps, start = group["warmup_steps"], group["warmup_start_factor"]
     if steps > 0:

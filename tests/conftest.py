@@ -3,14 +3,15 @@ import torch
 
 import fastscale
 
-# Each test runs the optimizer on both implementations where it matters: "torch" (pure-torch
-# twins) and "auto" (the compiled kernel where one is built for the device, else pure torch).
-IMPLS = ["torch", "auto"]
+# Each test runs the optimizer on both implementations where it matters, chosen with torch's
+# flags: fused=False (the pure-torch twins) and the default fused=None (the compiled kernel
+# where one is built for the device, else the twin). ``impl`` is the keyword arguments.
+IMPLS = {"torch": dict(fused=False), "auto": dict()}
 
 
-@pytest.fixture(params=IMPLS)
+@pytest.fixture(params=list(IMPLS))
 def impl(request):
-    return request.param
+    return IMPLS[request.param]
 
 
 @pytest.fixture(autouse=True)

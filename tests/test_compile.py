@@ -17,7 +17,7 @@ def test_compiled_step_does_not_recompile_when_lr_changes(impl):
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
     twin = copy.deepcopy(model)
     kw = dict(momentum=0.9, weight_decay=0.01, batch_size=64, base_batch_size=16, warmup_steps=3,
-              noise_scale=True, impl=impl)
+              noise_scale=True, **impl)
     opt = FusedScaledSGD(model.parameters(), lr=torch.tensor(0.1), **kw)
     eager = FusedScaledSGD(twin.parameters(), lr=torch.tensor(0.1), **kw)
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.7) for o in (opt, eager)]

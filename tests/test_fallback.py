@@ -35,7 +35,7 @@ def test_no_native_env_gives_one_warning_and_works():
         msgs = [str(w.message) for w in caught if "fastscale" in str(w.message)]
         print(len(msgs)); print(msgs[0])
         try:
-            fastscale.FusedScaledSGD([p], lr=0.1, impl="native").step()
+            fastscale.FusedScaledSGD([p], lr=0.1, fused=True).step()
         except RuntimeError as e:
             print("native:", e)
         """,
@@ -46,7 +46,7 @@ def test_no_native_env_gives_one_warning_and_works():
     assert lines[0].startswith("none (FASTSCALE_NO_NATIVE is set")
     assert lines[1] == "1"  # one warning, however many optimizers and steps
     assert "no compiled kernel for cpu" in lines[2] and "pure-torch" in lines[2]
-    assert lines[3].startswith("native: impl='native' but fastscale has no compiled kernel for cpu")
+    assert lines[3].startswith("native: fused=True but fastscale has no compiled kernel for cpu")
 
 
 @pytest.mark.skipif(not native_cpu(), reason="native CPU extension not built")
@@ -57,8 +57,8 @@ def test_native_cpu_is_used_and_agrees():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastscale::accumulate_grad_", "CPU")
     ps = [torch.randn(33, requires_grad=True), torch.randn(4, 5, requires_grad=True)]
     qs = [p.detach().clone().requires_grad_(True) for p in ps]
-    a = FusedScaledSGD(ps, lr=0.1, momentum=0.9, impl="native")
-    b = FusedScaledSGD(qs, lr=0.1, momentum=0.9, impl="torch")
+    a = FusedScaledSGD(ps, lr=0.1, momentum=0.9, fused=True)
+    b = FusedScaledSGD(qs, lr=0.1, momentum=0.9, fused=False)
     for _ in range(3):
         for p, q in zip(ps, qs):
             p.grad = torch.randn_like(p)
@@ -69,10 +69,10 @@ def test_native_cpu_is_used_and_agrees():
         torch.testing.assert_close(p, q)
 
 
-def test_impl_native_without_kernel_for_device_raises():
+def test_fused_true_without_kernel_for_device_raises():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match="no compiled kernel for meta"):
         p = torch.empty(3, device="meta", requires_grad=True)
         p.grad = torch.empty(3, device="meta")
-        FusedScaledSGD([p], lr=0.1, impl="native").step()
+        FusedScaledSGD([p], lr=0.1, fused=True)

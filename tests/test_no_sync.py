@@ -50,7 +50,7 @@ def make(device, impl, **kw):
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).to(device)
     opt = FusedScaledSGD(
         model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, batch_size=16,
-        base_batch_size=8, warmup_steps=3, noise_scale=True, impl=impl, **kw,
+        base_batch_size=8, warmup_steps=3, noise_scale=True, **impl, **kw,
     )
     return model, opt
 

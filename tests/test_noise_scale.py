@@ -75,7 +75,7 @@ def check(stats, truth, per_tensor):
 
 def test_micro_batch_source(impl):
     w_star, w, truth, gen = problem()
-    params, opt = make(w, batch_size=64, impl=impl)
+    params, opt = make(w, batch_size=64, **impl)
     for _ in range(2500):
         opt.zero_grad()
         for _ in range(4):  # 4 micro-batches of 16, each loss divided by 4 as users do
@@ -90,7 +90,7 @@ def test_micro_batch_source_unequal_sizes_sum_loss(impl):
     """Micro-batches of 8, 24, 16, 16 examples with sum-reduced losses: each micro-batch
     declares its size and loss scale, and the estimate stays unbiased."""
     w_star, w, truth, gen = problem(1)
-    params, opt = make(w, impl=impl)
+    params, opt = make(w, **impl)
     for _ in range(2500):
         opt.zero_grad()
         for b in (8, 24, 16, 16):
@@ -103,7 +103,7 @@ def test_micro_batch_source_unequal_sizes_sum_loss(impl):
 
 def test_per_example_source(impl):
     w_star, w, truth, gen = problem(2)
-    params, opt = make(w, impl=impl)
+    params, opt = make(w, **impl)
     for _ in range(1500):
         opt.zero_grad()
         x, y = batch(w_star, 32, gen)
@@ -121,7 +121,7 @@ def test_per_example_source(impl):
 
 def test_non_finite_steps_do_not_poison_the_averages(impl):
     w_star, w, truth, gen = problem(3)
-    params, opt = make(w, impl=impl)
+    params, opt = make(w, **impl)
 
     def one_step(poison=None):
         opt.zero_grad()
@@ -160,7 +160,7 @@ def test_last_norms_indexed_by_parameter_position(impl):
     b = torch.randn(3, requires_grad=True)
     e = torch.zeros(0, requires_grad=True)
     c = torch.randn((), requires_grad=True)
-    opt = FusedScaledSGD([{"params": [a, b]}, {"params": [e, c], "momentum": 0.9}], lr=0.1, impl=impl)
+    opt = FusedScaledSGD([{"params": [a, b]}, {"params": [e, c], "momentum": 0.9}], lr=0.1, **impl)
     a.grad, e.grad, c.grad = torch.randn(4), torch.zeros(0), torch.randn(())
     opt.step()
     got = opt.gradient_stats()["last_grad_sq_norm_per_tensor"]
@@ -175,9 +175,9 @@ def test_one_source_per_step():
     opt.accumulate_grad()
     with pytest.raises(RuntimeError, match="one per step"):
         opt.observe_per_example_norms(torch.rand(8))
-    with pytest.raises(TypeError, match="1-D tensor"):
+    with pytest.raises(TypeError, match="sq_norms must be a 1-D float tensor"):
         opt.observe_per_example_norms(torch.rand(8, 2))
-    with pytest.raises(ValueError, match="loss_scale must be > 0"):
+    with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
         opt.accumulate_grad(loss_scale=0.0)
     opt2 = FusedScaledSGD([p], lr=0.1, noise_scale=True)
     with pytest.raises(ValueError, match="accumulate_grad needs batch_size"):
@@ -191,7 +191,7 @@ def test_per_example_hooks_feed_the_estimator(impl):
     w_star, w, truth, gen = problem(4)
     model = torch.nn.Linear(D1 + D2, 1, bias=False).double()
     model.weight.data.copy_(w.reshape(1, -1))
-    opt = FusedScaledSGD(model.parameters(), lr=0.0, noise_scale=NoiseScaleConfig(beta=0.998), impl=impl)
+    opt = FusedScaledSGD(model.parameters(), lr=0.0, noise_scale=NoiseScaleConfig(beta=0.998), **impl)
     with PerExampleGradNorms(model, loss_reduction="mean") as norms:
         for _ in range(1500):
             opt.zero_grad()

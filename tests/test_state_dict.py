@@ -15,7 +15,7 @@ def train(params, opt, grads):
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
-        if getattr(opt, "_estimator", None) is not None:
+        if getattr(opt, "statistics", None) is not None and opt.statistics.estimator is not None:
             opt.observe_per_example_norms(torch.rand(16) + 1.0)
         opt.step()
 
@@ -26,7 +26,7 @@ def random_grads(params, steps):
 
 def test_mid_warmup_resume_is_bit_exact(impl):
     params = make_params()
-    opt = FusedScaledSGD(params, impl=impl, **KW)
+    opt = FusedScaledSGD(params, **impl, **KW)
     grads = random_grads(params, 15)
     torch.manual_seed(7)
     train(params, opt, grads[:6])  # 6 of 10 warmup steps
@@ -36,7 +36,7 @@ def test_mid_warmup_resume_is_bit_exact(impl):
     train(params, opt, grads[6:])
 
     resumed = clone_params(saved_params)
-    opt2 = FusedScaledSGD(resumed, impl=impl, **{**KW, "warmup_steps": 10})
+    opt2 = FusedScaledSGD(resumed, **impl, **{**KW, "warmup_steps": 10})
     opt2.load_state_dict(saved)
     torch.manual_seed(8)
     train(resumed, opt2, grads[6:])
@@ -68,10 +68,10 @@ def test_statistics_of_bf16_params_keep_fp32_and_fp64():
     sd = copy.deepcopy(opt.state_dict())
     opt2 = FusedScaledSGD(clone_params(params), **KW)
     opt2.load_state_dict(sd)
-    noise = opt2._estimator
+    noise = opt2.statistics.estimator
     assert noise.g2.dtype == torch.float64 and noise.g2_pt.dtype == torch.float32
-    assert torch.equal(noise.g2, opt._estimator.g2)
-    assert torch.equal(noise.trace_pt, opt._estimator.trace_pt)
+    assert torch.equal(noise.g2, opt.statistics.estimator.g2)
+    assert torch.equal(noise.trace_pt, opt.statistics.estimator.trace_pt)
     assert all(opt2.state[p]["momentum_buffer"].dtype == torch.bfloat16 for p in opt2.param_groups[0]["params"])
 
 
@@ -81,7 +81,7 @@ def test_loads_plain_torch_sgd_state_dict(impl):
     ref_opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, foreach=False)
     grads = random_grads(params, 10)
     train(params, ref_opt, grads[:5])
-    opt = FusedScaledSGD(ours, lr=0.05, momentum=0.9, nesterov=True, impl=impl, batch_size=64)
+    opt = FusedScaledSGD(ours, lr=0.05, momentum=0.9, nesterov=True, **impl, batch_size=64)
     for a, b in zip(params, ours):
         b.data.copy_(a.data)
     opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))

@@ -189,7 +189,7 @@ def test_optimizer_estimate_matches_lstsq_truth():
         model.weight.copy_(task.w_star + 0.3 * torch.randn(8))
     truth = task.true_stats(model)["b_simple"]
     b = 64
-    opt = fastscale.FusedScaledSGD(model.parameters(), lr=0.0, batch_size=b, scaling="none", impl="torch",
+    opt = fastscale.FusedScaledSGD(model.parameters(), lr=0.0, batch_size=b, scaling="none", fused=False,
                                    noise_scale=fastscale.NoiseScaleConfig(beta=0.99, per_tensor=False))
     gen = torch.Generator().manual_seed(1)
     for _ in range(500):

@@ -86,7 +86,7 @@ def train_run(task, init_state: dict, batch_size: int, rule: str, cfg: RunConfig
         warmup_steps=warmup,
         noise_fallback=cfg.noise_fallback,
         noise_scale=NoiseScaleConfig(beta=beta, per_tensor=False, min_updates=cfg.noise_min_updates),
-        impl=cfg.impl,
+        fused={"auto": None, "native": True, "torch": False}[cfg.impl],  # --impl, in torch's flag
     )
     per_example = _per_example_norms(model) if cfg.noise_source == "per-example" else None
     sizes = [batch_size] if per_example is not None else _split(batch_size, cfg.micro_batches)
