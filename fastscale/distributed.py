@@ -9,8 +9,9 @@ At ``optimizer.step()`` a step pre-hook feeds the optimizer the mean over replic
 
     mean_sq = (1/W) Σ_r |G_r|²     with B_small = local batch, B_big = W · local batch
 
-while the big-batch norm |G_big|² comes from the step itself (``.grad`` after the all-reduce).
-Nothing on the step path reads a device value on the host.
+while the big-batch norms |G_big|² are taken from each bucket as its all-reduce completes (the
+same averaged gradient DDP writes into ``.grad``), so clipping ``.grad`` before ``step()`` does
+not change the statistics. Nothing on the step path reads a device value on the host.
 
 Gradient accumulation: run the first k-1 micro-batches under ``ddp_model.no_sync()``. The hook
 only runs on the last backward, where each replica's buffer holds its local gradient accumulated
@@ -63,10 +64,11 @@ class ReplicaNoiseScaleState:
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self._param_index = param_index  # parameter -> position in the optimizer's statistics
-        self._n_tensors = sum(len(g["params"]) for g in optimizer.param_groups)
+        self._n_tensors = len(param_index)
         self._bucket_layout: dict[tuple, tuple[list[int], Tensor]] = {}
         self._accumulating: Tensor | None = None  # this backward's local per-tensor |g|², fp64
         self._reduced: Tensor | None = None  # the last backward's vector, being summed over ranks
+        self._big: Tensor | None = None  # this backward's per-tensor |all-reduced g|², fp64
         self._work = None  # its all-reduce
         self._backwards = 0  # synchronised backwards since the last feed
         self._pre_hook = None
@@ -89,21 +91,30 @@ class ReplicaNoiseScaleState:
         if bucket.index() == 0 or self._accumulating is None:
             dtype = torch.float32 if buffer.device.type == "mps" else torch.float64
             self._accumulating = torch.zeros(self._n_tensors, dtype=dtype, device=buffer.device)
-        kept, index = self._layout(bucket, buffer.device)
-        if kept:
-            grads = bucket.gradients()  # views into the flat buffer, before division/all-reduce
-            grads = [grads[i] for i in kept]
-            # fp16/bf16 norms accumulate in fp32: their squares overflow half precision.
-            low = buffer.dtype in (torch.float16, torch.bfloat16)
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32 if low else None)
-            sq = torch.stack(norms).to(self._accumulating.dtype).square()
-            self._accumulating.index_add_(0, index, sq)
+            self._big = torch.zeros_like(self._accumulating)
+        self._add_norms(bucket, self._accumulating)  # views into the flat buffer, before the all-reduce
         if bucket.is_last():
             # The one extra collective per step: a vector of one entry per parameter tensor.
             stats, self._accumulating = self._accumulating, None
             self._work = dist.all_reduce(stats, group=self.process_group, async_op=True)
             self._reduced = stats
             self._backwards += 1
+
+    def _add_norms(self, bucket: dist.GradBucket, into: Tensor) -> None:
+        """Add the squared norms of the bucket's stepped gradients into ``into`` (per tensor)."""
+        kept, index = self._layout(bucket, into.device)
+        if kept:
+            grads = bucket.gradients()  # views into the bucket's flat buffer
+            # fp16/bf16 norms accumulate in fp32: their squares overflow half precision.
+            low = grads[kept[0]].dtype in (torch.float16, torch.bfloat16)
+            norms = torch._foreach_norm([grads[i] for i in kept], 2, dtype=torch.float32 if low else None)
+            into.index_add_(0, index, torch.stack(norms).to(into.dtype).square())
+
+    def _measure_reduced(self, bucket: dist.GradBucket, fut: torch.futures.Future) -> Tensor:
+        """Future callback: the bucket now holds the averaged gradient that becomes ``.grad``."""
+        if self._big is not None:
+            self._add_norms(bucket, self._big)
+        return fut.value()
 
     # ----------------------------------------------------------------- at step()
     def feed(self, optimizer=None) -> bool:
@@ -114,11 +125,11 @@ class ReplicaNoiseScaleState:
         (nothing when no synchronised backward ran since the last step). Does not synchronise.
         """
         optimizer = self.optimizer if optimizer is None else optimizer
-        stats, work, backwards = self._reduced, self._work, self._backwards
-        self._reduced, self._work, self._backwards = None, None, 0
+        stats, work, backwards, big = self._reduced, self._work, self._backwards, self._big
+        self._reduced, self._work, self._backwards, self._big = None, None, 0, None
         if stats is None:
             return False
-        if sum(len(g["params"]) for g in optimizer.param_groups) != self._n_tensors:
+        if optimizer.statistics.index is not self._param_index:  # add_param_group made a new tracker
             raise RuntimeError(
                 "fastscale.distributed: the optimizer's parameters changed after register_noise_scale_hook; "
                 "register it once all param groups are added"
@@ -144,6 +155,7 @@ class ReplicaNoiseScaleState:
                 loss_scale=self.loss_scale,
                 grad_scaler=self.grad_scaler,
                 per_tensor=per_tensor,
+                big_per_tensor=big,
             )
         except RuntimeError as err:
             if "another source" not in str(err):
@@ -160,7 +172,7 @@ class ReplicaNoiseScaleState:
         """Drop the statistics of backwards not followed by a step (e.g. a step you skip)."""
         if self._work is not None:
             self._work.wait()
-        self._reduced, self._work, self._backwards = None, None, 0
+        self._reduced, self._work, self._backwards, self._big = None, None, 0, None
 
     def _step_pre_hook(self, optimizer, args, kwargs) -> None:
         self.feed(optimizer)  # a step pre-hook must return None (or new arguments)
@@ -179,7 +191,8 @@ def noise_scale_allreduce_hook(
     """DDP communication hook: DDP's averaging all-reduce, plus each replica's squared gradient
     norms taken from the bucket before it is reduced (see the module docstring)."""
     state._measure(bucket)
-    return default_hooks.allreduce_hook(state.process_group, bucket)
+    fut = default_hooks.allreduce_hook(state.process_group, bucket)
+    return fut.then(lambda f: state._measure_reduced(bucket, f))
 
 
 def _config_row(optimizer, local_batch_size, loss_scale, ddp_params, param_index) -> list[float]:
@@ -293,10 +306,8 @@ def register_noise_scale_hook(
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     group = ddp_model.process_group
     _await_every_rank(group, float(timeout))
-    param_index = {}
-    for g in getattr(optimizer, "param_groups", []):
-        for p in g["params"]:
-            param_index[p] = len(param_index)
+    tracker = getattr(optimizer, "statistics", None)
+    param_index = tracker.index if tracker is not None else {}  # the tracker's positions
     ddp_params = [p for p in ddp_model.module.parameters() if p.requires_grad]
     row = _config_row(optimizer, local_batch_size, loss_scale, ddp_params, param_index)
     # NCCL gathers device tensors, gloo host tensors: use the model's device.

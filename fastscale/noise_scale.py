@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -245,7 +246,9 @@ class _Accumulation:
         self.loss_scales: list[float] = []
         self.batch_sizes: list[int | None] = []
         self.small_pt: Tensor | None = None  # Σ over micro-batches of |g_i|² / c_i², per tensor
-        self.seen: dict[int, tuple[int, int]] = {}  # position -> (id(.grad), ._version) at last call
+        # position -> (weak reference to .grad, its ._version) at the last call. Weak, not id():
+        # a freed .grad's id is often reused by the next backward's new tensor.
+        self.seen: dict[int, tuple[weakref.ref, int]] = {}
         self.amp_divisor: Tensor | None = None  # of the last call: the big norm is taken then
 
 
@@ -332,15 +335,16 @@ class StatisticsTracker:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
         acc = self._accumulation
         params = [p for bucket in params_by_bucket for p in bucket]
+        now = {self.index[p]: p.grad for p in params}
+        kept: set[int] = set()  # positions whose .grad is the tensor the last call saw
         if acc is not None:
-            # A parameter whose .grad is another tensor than at the last call had its gradient
-            # reset (set to None, a new tensor from backward): if every one did, the loop reset
-            # the gradients outside the optimizer and a new accumulation starts.
-            tracked = [i for i in acc.seen]
-            now = {self.index[p]: (id(p.grad), p.grad._version) for p in params}
-            if tracked and all(now.get(i, (None, None))[0] != acc.seen[i][0] for i in tracked):
+            # A parameter whose .grad is another tensor than at the last call (or None) had its
+            # gradient reset: it counts afresh from this micro-batch. If every one was reset, the
+            # loop reset the gradients outside the optimizer and a new accumulation starts.
+            kept = {i for i, (ref, _) in acc.seen.items() if ref() is not None and ref() is now.get(i)}
+            if acc.seen and not kept:
                 acc = None
-            elif now and all(now.get(i) == acc.seen.get(i) for i in now):
+            elif now and all(i in kept and acc.seen[i][1] == g._version for i, g in now.items()):
                 raise RuntimeError(
                     "accumulate_grad() was called twice without a backward in between: no gradient changed "
                     "since the last call (call it once after each micro-batch's backward)"
@@ -359,14 +363,15 @@ class StatisticsTracker:
             return
         # --- all checks passed: write
         if acc is None:
-            acc = _Accumulation()
+            acc, kept = _Accumulation(), set()
+        acc.seen = {i: v for i, v in acc.seen.items() if i in kept}  # reset ones are measured afresh
         divisor = _amp_divisor(grad_scaler, self.device)
         norms, positions = [], []
         for bucket in params_by_bucket:
             if not bucket:
                 continue
             for first in (True, False):
-                part = [p for p in bucket if (self.index[p] in acc.seen) != first]
+                part = [p for p in bucket if (self.index[p] in kept) != first]
                 if not part:
                     continue
                 snaps = []
@@ -389,7 +394,7 @@ class StatisticsTracker:
         acc.batch_sizes.append(batch_size)
         acc.amp_divisor = divisor
         for p in params:
-            acc.seen[self.index[p]] = (id(p.grad), p.grad._version)
+            acc.seen[self.index[p]] = (weakref.ref(p.grad), p.grad._version)
         self._accumulation = acc
 
     def _finish_accumulation(self, default_total) -> Measurement | None:

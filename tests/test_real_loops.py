@@ -1,0 +1,265 @@
+"""Statistics that survive real training loops, each held to an oracle computed by hand.
+
+Every step's micro-batch gradients are recomputed with ``torch.autograd.grad`` and the two-batch
+estimates formed from them (McCandlish et al. Appendix A). With ``beta=0`` the estimator's
+average is exactly the last step's estimate, so each step is checked on its own:
+
+- a parameter whose gradient first appears in a later micro-batch (a branch, an MoE expert);
+- gradients reset outside the optimizer (``model.zero_grad()``, ``p.grad = None``);
+- clipping and GradScaler's ``unscale_`` between the last ``accumulate_grad`` and ``step()``;
+- misuse that cannot be made right (two calls with no backward) raises and changes nothing.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from fastscale import FusedScaledSGD, NoiseScaleConfig
+from fastscale.noise_scale import two_batch_estimates
+
+EXACT = NoiseScaleConfig(beta=0.0, min_updates=0)
+
+
+class Net(nn.Module):
+    """A shared trunk, a head, and an expert used only by the micro-batches that ask for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 3)
+        self.expert = nn.Linear(4, 3)
+
+    def forward(self, x, use_expert=True):
+        h = torch.tanh(self.trunk(x))
+        return self.head(h) + (self.expert(h) if use_expert else 0.0)
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Net().double()
+    opt = FusedScaledSGD(model.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, **kw)
+    return model, opt
+
+
+def micro_batches(k, sizes=None, experts=None, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = sizes or [6] * k
+    experts = experts or [True] * k
+    return [(torch.randn(b, 5, generator=gen, dtype=torch.float64),
+             torch.randn(b, 3, generator=gen, dtype=torch.float64), e) for b, e in zip(sizes, experts)]
+
+
+def loss_of(model, batch, scale):
+    x, y, expert = batch
+    return scale * (model(x, expert) - y).square().mean()
+
+
+def oracle(model, batches, scales):
+    """Per-tensor (|G|², tr(Σ)) and the mask of tensors with a gradient, by hand."""
+    params = list(model.parameters())
+    raw = [torch.autograd.grad(loss_of(model, b, c), params, allow_unused=True) for b, c in zip(batches, scales)]
+    present = torch.tensor([any(g is not None for g in col) for col in zip(*raw)])
+    grads = [[torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)] for gs in raw]
+    k, sizes, total_c = len(batches), [len(b[0]) for b in batches], sum(scales)
+    small = torch.stack([torch.stack([g.square().sum() for g in gs]) / c**2 for gs, c in zip(grads, scales)]).mean(0)
+    big = torch.stack([sum(col).square().sum() for col in zip(*grads)]) / total_c**2
+    b_small = k / sum(1 / b for b in sizes)
+    b_big = total_c**2 / sum(c * c / b for c, b in zip(scales, sizes))
+    g2, trace = two_batch_estimates(small, big, b_small, b_big)
+    return g2, trace, present
+
+
+def check(opt, expected):
+    g2, trace, present = expected
+    stats = opt.gradient_stats()
+    # Squared norms come back from the kernels in fp32, and |G|² is a difference of terms of
+    # the size of tr(Σ)/B: the tolerance is fp32 rounding of those terms.
+    atol = 1e-6 * trace[present].abs().sum().item()
+    assert stats["grad_sq_norm"] == pytest.approx(g2[present].sum().item(), rel=1e-6, abs=atol)
+    assert stats["trace_cov"] == pytest.approx(trace[present].sum().item(), rel=1e-6)
+    got_g2 = torch.tensor(stats["grad_sq_norm_per_tensor"], dtype=torch.float64)
+    got_tr = torch.tensor(stats["trace_cov_per_tensor"], dtype=torch.float64)
+    torch.testing.assert_close(got_g2[present], g2[present], rtol=1e-5, atol=atol)
+    torch.testing.assert_close(got_tr[present], trace[present], rtol=1e-5, atol=atol)
+
+
+def run_step(model, opt, batches, scales, reset="opt", between=None):
+    expected = oracle(model, batches, scales)
+    if reset == "opt":
+        opt.zero_grad()
+    elif reset == "model":
+        model.zero_grad()
+    elif reset == "none":
+        for p in model.parameters():
+            p.grad = None
+    for batch, c in zip(batches, scales):
+        loss_of(model, batch, c).backward()
+        opt.accumulate_grad(loss_scale=c)
+    if between is not None:
+        between()
+    opt.step()
+    return expected
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "after-steps"])
+def test_parameter_whose_grad_appears_in_a_later_micro_batch(fresh, impl):
+    """The expert's gradient first appears in micro-batch 2 (then 3, then 1): counted from
+    there, never diffed against another step's snapshot, never a KeyError."""
+    model, opt = make(batch_size=18, **impl)
+    patterns = [[False, True, True], [False, False, True], [True, False, False], [False, True, False]]
+    if not fresh:
+        patterns = [[True] * 3] * 2 + patterns
+    for step, experts in enumerate(patterns):
+        batches = micro_batches(3, experts=experts, seed=step)
+        check(opt, run_step(model, opt, batches, [1 / 3] * 3))
+
+
+@pytest.mark.parametrize("reset", ["model", "none"])
+def test_gradients_reset_outside_the_optimizer(reset, impl):
+    """model.zero_grad() or p.grad = None instead of opt.zero_grad(): each step's statistics
+    are its own micro-batches', as in a loop that resets with the optimizer."""
+    model, opt = make(batch_size=12, **impl)
+    for step in range(4):
+        check(opt, run_step(model, opt, micro_batches(2, seed=step), [0.5, 0.5], reset=reset))
+
+
+def test_micro_batches_discarded_mid_step_are_forgotten(impl):
+    """A micro-batch whose gradient the loop throws away (model.zero_grad() before the step)
+    does not count: the step's statistics are those of the micro-batches after the reset."""
+    model, opt = make(batch_size=12, **impl)
+    for step in range(3):
+        opt.zero_grad()
+        loss_of(model, micro_batches(1, seed=100 + step)[0], 1.0).backward()
+        opt.accumulate_grad(batch_size=6)
+        model.zero_grad()  # e.g. a skipped batch with a NaN loss
+        batches = micro_batches(2, seed=step)
+        expected = oracle(model, batches, [0.5, 0.5])
+        for batch in batches:
+            loss_of(model, batch, 0.5).backward()
+            opt.accumulate_grad(batch_size=6, loss_scale=0.5)
+        opt.step()
+        check(opt, expected)
+
+
+def test_clipping_before_step_leaves_the_statistics_alone(impl):
+    """clip_grad_norm_ between the last accumulate_grad and step() (Hugging Face's default)
+    changes the update, never the statistics: they describe the raw gradients."""
+    model, opt = make(batch_size=12, **impl)
+    for step in range(4):
+        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)  # noqa: E731
+        check(opt, run_step(model, opt, micro_batches(2, seed=step), [0.5, 0.5], between=clip))
+
+
+def test_clipping_after_per_example_norms(impl):
+    """The per-example source reads the big-batch norm when it is fed, before clipping."""
+    model, opt = make(**impl)
+    params = list(model.parameters())
+    for step in range(3):
+        x, y, _ = micro_batches(1, sizes=[8], seed=step)[0]
+        per_example = []
+        for i in range(8):
+            gs = torch.autograd.grad((model(x[i:i + 1]) - y[i:i + 1]).square().mean(), params)
+            per_example.append(torch.stack([g.square().sum() for g in gs]))
+        per_example = torch.stack(per_example)
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        big = torch.stack([p.grad.square().sum() for p in params])
+        opt.observe_per_example_norms(per_example.sum(1))
+        torch.nn.utils.clip_grad_norm_(params, max_norm=1e-3)
+        opt.step()
+        g2, trace = two_batch_estimates(per_example.mean(0), big, 1, 8)
+        stats = opt.gradient_stats()
+        assert stats["grad_sq_norm"] == pytest.approx(g2.sum().item(), rel=1e-6)
+        assert stats["trace_cov"] == pytest.approx(trace.sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("unscale", [True, False], ids=["unscale_-then-clip", "plain"])
+def test_grad_scaler_scale_is_divided_out(unscale, impl):
+    """With GradScaler (scale 2^12): scaled losses, accumulate_grad(grad_scaler=), optionally
+    unscale_ + clipping, scaler.step: the statistics are the unscaled gradients' exactly."""
+    model, opt = make(batch_size=12, **impl)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    for step in range(3):
+        batches = micro_batches(2, seed=step)
+        expected = oracle(model, batches, [0.5, 0.5])
+        opt.zero_grad()
+        for batch in batches:
+            scaler.scale(loss_of(model, batch, 0.5)).backward()
+            opt.accumulate_grad(loss_scale=0.5, grad_scaler=scaler)
+        if unscale:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
+        scaler.step(opt)
+        scaler.update()
+        check(opt, expected)
+
+
+def snapshot(opt):
+    stats = opt.statistics
+    acc = stats._accumulation
+    return (
+        [p.detach().clone() for p in stats.params],
+        repr(opt.gradient_stats()),
+        None if acc is None else (acc.count, list(acc.batch_sizes), acc.small_pt.clone(), dict(acc.seen)),
+    )
+
+
+def assert_unchanged(before, opt):
+    after = snapshot(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert before[1] == after[1]
+    if before[2] is None:
+        assert after[2] is None
+    else:
+        assert before[2][:2] == after[2][:2] and torch.equal(before[2][2], after[2][2]) and before[2][3] == after[2][3]
+
+
+def test_two_calls_without_a_backward_raise_and_change_nothing(impl):
+    model, opt = make(batch_size=12, **impl)
+    batches = micro_batches(2)
+    expected = oracle(model, batches, [0.5, 0.5])
+    opt.zero_grad()
+    loss_of(model, batches[0], 0.5).backward()
+    opt.accumulate_grad(loss_scale=0.5)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match="called twice without a backward"):
+        opt.accumulate_grad(loss_scale=0.5)
+    assert_unchanged(before, opt)
+    loss_of(model, batches[1], 0.5).backward()
+    opt.accumulate_grad(loss_scale=0.5)
+    opt.step()
+    check(opt, expected)
+
+
+def test_micro_batch_sizes_given_for_some_calls_only(impl):
+    """An explicit size is never silently replaced by an equal share: mixing raises."""
+    model, opt = make(batch_size=12, **impl)
+    batches = micro_batches(2, sizes=[4, 8])
+    opt.zero_grad()
+    loss_of(model, batches[0], 0.5).backward()
+    opt.accumulate_grad(batch_size=4, loss_scale=0.5)
+    loss_of(model, batches[1], 0.5).backward()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="give batch_size= for every micro-batch of a step or for none"):
+        opt.accumulate_grad(loss_scale=0.5)
+    assert_unchanged(before, opt)
+    opt.accumulate_grad(batch_size=8, loss_scale=0.5)  # the retry with the size works
+    expected_sizes = opt.statistics._accumulation.batch_sizes
+    assert expected_sizes == [4, 8]
+
+
+def test_accumulate_without_any_batch_size_raises_and_retry_works(impl):
+    model, opt = make(**impl)  # no batch_size: the micro-batch size must be given
+    batches = micro_batches(2)
+    expected = oracle(model, batches, [0.5, 0.5])
+    opt.zero_grad()
+    loss_of(model, batches[0], 0.5).backward()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="accumulate_grad needs batch_size="):
+        opt.accumulate_grad(loss_scale=0.5)
+    assert_unchanged(before, opt)
+    opt.accumulate_grad(batch_size=6, loss_scale=0.5)
+    loss_of(model, batches[1], 0.5).backward()
+    opt.accumulate_grad(batch_size=6, loss_scale=0.5)
+    opt.step()
+    check(opt, expected)
