@@ -57,7 +57,10 @@ def loss_fn(model, x, y):
 
 
 # --------------------------------------------------------------------------- per-rank program
-def _train_ddp(rank, micro_batches=1, loss_scale=1.0, bucket_view=False, amp=False):
+CLIP = 1e-2  # max_norm far below the gradients' norms: clipping changes every update
+
+
+def _train_ddp(rank, micro_batches=1, loss_scale=1.0, bucket_view=False, amp=False, clip=False):
     from fastscale.distributed import register_noise_scale_hook
 
     x, y = make_data()
@@ -80,6 +83,8 @@ def _train_ddp(rank, micro_batches=1, loss_scale=1.0, bucket_view=False, amp=Fal
             with torch.enable_grad() if last else model.no_sync():
                 loss = loss_fn(model, xs[part], ys[part]) * (loss_scale / micro_batches)
                 (scaler.scale(loss) if amp else loss).backward()
+        if clip:  # between the backward and step(): the statistics must not see it
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP * loss_scale)
         if amp:
             scaler.step(opt)
             scaler.update()
@@ -166,6 +171,7 @@ def _worker(out_dir):
         "no_sync": _train_ddp(rank, micro_batches=2, bucket_view=True),
         "loss_scale": _train_ddp(rank, micro_batches=2, loss_scale=2.0),
         "grad_scaler": _train_ddp(rank, amp=True),
+        "clipped": _train_ddp(rank, clip=True),
         "mismatched_batch": _mismatched_batch(rank),
         "no_noise_scale_on_rank_1": _no_noise_scale_on_rank_1(rank),
         "both_sources": _both_sources(rank),
@@ -213,8 +219,13 @@ def ranks(tmp_path_factory):
 # --------------------------------------------------------------------------- single-process oracle
 @pytest.fixture(scope="module")
 def single_process():
+    return {clip: _single_process(clip) for clip in (False, True)}
+
+
+def _single_process(clip):
     """The same training in one process: each replica's half-batch gradient is computed on its
-    own, the mean of their squared norms fed as the small-batch source, their mean as .grad."""
+    own, the mean of their squared norms fed as the small-batch source, their mean as .grad
+    (with ``clip``, clipped after it is fed, as the DDP loop clips before step())."""
     x, y = make_data()
     model = make_model()
     params = list(model.parameters())
@@ -232,11 +243,13 @@ def single_process():
             opt.observe_small_batch_norms(
                 per_tensor.sum(), LOCAL_BATCH, WORLD * LOCAL_BATCH, per_tensor=per_tensor
             )
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, CLIP)
             opt.step()
         return {"params": [p.detach().clone() for p in params], "stats": opt.gradient_stats()}
 
 
-SCENARIOS = ["plain", "no_sync", "loss_scale", "grad_scaler"]
+SCENARIOS = ["plain", "no_sync", "loss_scale", "grad_scaler", "clipped"]
 STAT_KEYS = ("grad_sq_norm", "trace_cov", "b_simple")
 PER_TENSOR_KEYS = ("grad_sq_norm_per_tensor", "trace_cov_per_tensor", "b_simple_per_tensor")
 
@@ -251,20 +264,21 @@ def _assert_same_estimate(got, want):
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_estimate_matches_single_process(ranks, single_process, scenario):
+    want = single_process[scenario == "clipped"]
     for rank in range(WORLD):
-        _assert_same_estimate(ranks[rank][scenario]["stats"], single_process["stats"])
+        _assert_same_estimate(ranks[rank][scenario]["stats"], want["stats"])
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_parameters_match_single_process(ranks, single_process, scenario):
     for rank in range(WORLD):
-        for got, want in zip(ranks[rank][scenario]["params"], single_process["params"]):
+        for got, want in zip(ranks[rank][scenario]["params"], single_process[scenario == "clipped"]["params"]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_estimate_sees_noise(single_process):
     # Guards the comparison above: replicas with different data disagree, so tr(Σ) > 0.
-    assert single_process["stats"]["trace_cov"] > 0
+    assert single_process[False]["stats"]["trace_cov"] > 0
 
 
 def test_mismatched_local_batch_size_raises_on_every_rank(ranks):

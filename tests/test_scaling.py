@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastscale import FusedScaledSGD
+from fastscale import FusedScaledSGD, NoiseScaleConfig
 from conftest import make_params
 
 
@@ -137,6 +137,26 @@ def test_bad_input_changes_nothing():
     assert len(opt.param_groups) == 1
 
 
+def test_noise_rule_follows_the_live_estimate_once_warmed_up(impl):
+    """Once min_updates updates are in, the "noise" rule uses the estimate, not its fallback:
+    lr = lr0 · (1 + B_noise/B0) / (1 + B_noise/B) with B_noise = noise_scale()."""
+    torch.manual_seed(3)
+    p = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    opt = FusedScaledSGD([p], lr=0.1, batch_size=64, base_batch_size=16, scaling="noise",
+                         noise_scale=NoiseScaleConfig(beta=0.9, min_updates=5), **impl)
+    fallback_lr = 0.1 * (1 + 16 / 16) / (1 + 16 / 64)
+    for step in range(8):
+        if step < 5:  # fewer than min_updates updates: the fallback B_noise = base batch size
+            assert opt.current_lr()[0] == pytest.approx(fallback_lr, rel=1e-12)
+        per_example = torch.randn(32, 6, dtype=torch.float64) * 3 + 0.2  # B_simple = 6·9 / (6·0.2²) = 225
+        p.grad = per_example.mean(0)
+        opt.observe_per_example_norms(per_example.square().sum(1))
+        opt.step()
+    b_noise = opt.noise_scale()
+    assert b_noise > 0 and abs(b_noise - 16) > 5  # far from the fallback: the test can tell them apart
+    assert opt.current_lr()[0] == pytest.approx(0.1 * (1 + b_noise / 16) / (1 + b_noise / 64), rel=1e-9)
+
+
 def test_noise_rule_needs_estimator_and_uses_fallback():
     p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="noise_scale=True"):
@@ -149,3 +169,34 @@ def test_noise_rule_needs_estimator_and_uses_fallback():
     )
     assert opt.current_lr()[0] == pytest.approx(0.1 * (1 + 32 / 16) / (1 + 32 / 64))
     assert not math.isnan(opt.current_lr()[0])
+
+
+def test_applied_lr_is_what_the_next_step_applies(impl):
+    """applied_lr(): per group, 1-element device tensors (read without a sync until logged)
+    holding the rate the next step applies: scale × warmup × the scheduler's group["lr"]."""
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    q = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = FusedScaledSGD([{"params": [p]}, {"params": [q], "scaling": "sqrt"}], lr=0.1, batch_size=64,
+                         base_batch_size=16, warmup_steps=3, **impl)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(6):
+        applied = opt.applied_lr()
+        assert all(isinstance(t, torch.Tensor) and t.numel() == 1 for t in applied)
+        before = [p.detach().clone(), q.detach().clone()]
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+        opt.step()
+        sched.step()
+        taken = [(b - t.detach()).mean().item() for b, t in zip(before, (p, q))]
+        assert taken == pytest.approx([t.item() for t in applied], rel=1e-12)
+    # group["lr"] stays the rate the scheduler sets: 0.1 halved every 2 steps
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1 / 8] * 2)
+
+
+def test_warmup_without_a_ramp_is_refused_and_start_factor_makes_it_work(impl):
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="warmup_steps=4 would do nothing"):
+        FusedScaledSGD([p], lr=0.1, warmup_steps=4, **impl)
+    with pytest.raises(ValueError, match="warmup_steps=4 would do nothing"):
+        FusedScaledSGD([p], lr=0.1, batch_size=32, warmup_steps=4, **impl)
+    opt = FusedScaledSGD([p], lr=0.1, warmup_steps=4, warmup_start_factor=0.0, **impl)
+    assert lrs_over(opt, 6) == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1, 0.1], abs=1e-15)

@@ -90,6 +90,14 @@ def test_loads_plain_torch_sgd_state_dict(impl):
     train(ours, opt, grads[5:])
     for a, b in zip(params, ours):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
-    # and torch SGD can load ours back
-    ref2 = torch.optim.SGD(clone_params(params), lr=0.05, momentum=0.9, nesterov=True)
-    ref2.load_state_dict(opt.state_dict())
+    # and torch SGD can load ours back, and continues exactly where ours goes on
+    theirs = clone_params(ours)
+    ref2 = torch.optim.SGD(theirs, lr=0.05, momentum=0.9, nesterov=True, foreach=False)
+    ref2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(ref2.state[b]["momentum_buffer"], opt.state[a]["momentum_buffer"], rtol=0, atol=0)
+    more = random_grads(ours, 4)
+    train(ours, opt, more)
+    train(theirs, ref2, more)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)

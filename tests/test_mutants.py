@@ -1,0 +1,92 @@
+"""Tests that can fail: each statistics path, broken on purpose by one line, turns a test red.
+
+Every mutant below is applied to a copy of the package (with its built extension) and the tests
+named for it run against that copy in a subprocess: the run must fail (pytest exit code 1).
+Before any mutant, the same tests run against the unmodified copy and must pass, so a red run
+means the mutant was caught, not that the copy is broken. Add a line here with every new path.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (name, file, line as it is, line broken, tests that must catch it)
+MUTANTS = [
+    ("accumulate: AMP scale not divided out", "fastscale/noise_scale.py",
+     "            sq_pt = sq_pt * divisor", "            sq_pt = sq_pt",
+     ["tests/test_real_loops.py::test_grad_scaler_scale_is_divided_out"]),
+    ("accumulate: loss scale not divided out", "fastscale/noise_scale.py",
+     "        sq_pt = sq_pt / loss_scale**2", "        sq_pt = sq_pt",
+     ["tests/test_real_loops.py::test_clipping_before_step_leaves_the_statistics_alone"]),
+    ("accumulate: big-batch norm from the (clipped) .grad", "fastscale/noise_scale.py",
+     "        big_pt, present = self._vector(*squared_norms_at([self.snapshots[i] for i in seen], seen))",
+     "        big_pt, present = self._vector(*squared_norms_at([self.params[i].grad for i in seen], seen))",
+     ["tests/test_real_loops.py::test_clipping_before_step_leaves_the_statistics_alone"]),
+    ("accumulate: resets outside the optimizer not detected", "fastscale/noise_scale.py",
+     "            kept = {i for i, (ref, _) in acc.seen.items() if ref() is not None and ref() is now.get(i)}",
+     "            kept = set(acc.seen)",
+     ["tests/test_real_loops.py::test_micro_batches_discarded_mid_step_are_forgotten",
+      "tests/test_real_loops.py::test_gradients_reset_outside_the_optimizer"]),
+    ("accumulate: late parameters diffed against a stale snapshot", "fastscale/noise_scale.py",
+     "        acc.seen = {i: v for i, v in acc.seen.items() if i in kept}  # reset ones are measured afresh",
+     "        kept = set(range(len(self.params)))",
+     ["tests/test_real_loops.py::test_parameter_whose_grad_appears_in_a_later_micro_batch"]),
+    ("per-example: wrong small batch size", "fastscale/optimizer.py",
+     "        self.observe_small_batch_norms(sq, 1, sq_norms.numel(), loss_scale, grad_scaler)",
+     "        self.observe_small_batch_norms(sq, 2, sq_norms.numel(), loss_scale, grad_scaler)",
+     ["tests/test_noise_scale.py::test_per_example_source"]),
+    ("per-example/generic: loss scale not divided out of the big-batch norm", "fastscale/optimizer.py",
+     "        big_pt = big_pt.double() / loss_scale**2", "        big_pt = big_pt.double()",
+     ["tests/test_distributed.py::test_estimate_matches_single_process"]),
+    ("replicas: big-batch norm read at step() (after clipping)", "fastscale/distributed.py",
+     "                big_per_tensor=big,", "                big_per_tensor=None,",
+     ["tests/test_distributed.py::test_estimate_matches_single_process"]),
+    ("estimator: non-finite steps not masked", "fastscale/noise_scale.py",
+     "        add = ok.double() * (1.0 - beta)  # decay and weight only on accepted updates",
+     "        add = torch.ones_like(ok, dtype=torch.float64) * (1.0 - beta)",
+     ["tests/test_noise_scale.py::test_non_finite_steps_do_not_poison_the_averages"]),
+    ("noise rule: always the fallback", "fastscale/noise_scale.py",
+     "        return torch.where(ready, estimate, fallback)", "        return torch.where(ready & False, estimate, fallback)",
+     ["tests/test_scaling.py::test_noise_rule_follows_the_live_estimate_once_warmed_up"]),
+    ("step: group options not validated before the first write", "fastscale/optimizer.py",
+     "        self._check_groups()\n        loss = None", "        loss = None",
+     ["tests/test_all_or_nothing.py::test_step_validates_hand_edited_group_options_first"]),
+]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A copy of the package and tests; the mutants' tests must pass on it unmodified."""
+    root = tmp_path_factory.mktemp("pristine")
+    shutil.copytree(ROOT / "fastscale", root / "fastscale", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "tests", root / "tests", ignore=shutil.ignore_patterns("__pycache__", "test_mutants.py"))
+    probe = _run(root, ["-c", "import fastscale; print(fastscale.__file__)"], pytest_args=False)
+    assert probe.returncode == 0 and probe.stdout.strip().startswith(str(root)), probe.stdout + probe.stderr
+    tests = sorted({t for *_, ts in MUTANTS for t in ts})
+    base = _run(root, tests)
+    assert base.returncode == 0, base.stdout[-3000:]
+    return root
+
+
+def _run(root, args, pytest_args=True):
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args] if pytest_args else \
+        [sys.executable, *args]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name,path,old,new,tests", MUTANTS, ids=[m[0] for m in MUTANTS])
+def test_mutant_is_caught(pristine, tmp_path, name, path, old, new, tests):
+    root = tmp_path / "mutant"
+    shutil.copytree(pristine, root)
+    source = (root / path).read_text()
+    assert source.count(old) == 1, f"the line to break is not (once) in {path}: update MUTANTS"
+    (root / path).write_text(source.replace(old, new))
+    run = _run(root, tests)
+    assert run.returncode == 1, f"mutant '{name}' survived {tests}:\n{run.stdout[-2000:]}"
