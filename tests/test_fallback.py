@@ -76,3 +76,18 @@ def test_fused_true_without_kernel_for_device_raises():
         p = torch.empty(3, device="meta", requires_grad=True)
         p.grad = torch.empty(3, device="meta")
         FusedScaledSGD([p], lr=0.1, fused=True)
+
+
+@pytest.mark.skipif(not native_cpu(), reason="native CPU extension not built")
+def test_import_registers_the_compiled_kernels():
+    """The extension is loaded by `import fastscale`: a public op called first thing runs the
+    compiled kernel, never the pure-torch twin silently."""
+    out = run_python(
+        """
+        import torch, fastscale
+        print(all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastscale::{op}", "CPU")
+                  for op in ("fused_sgd_", "accumulate_grad_")))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]

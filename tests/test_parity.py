@@ -217,3 +217,22 @@ def test_grad_scaler_skips_and_steps(impl):
     assert opt.gradient_stats()["updates"] == 5
     for a, b in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(b, a)
+
+
+def test_parameter_listed_twice_is_stepped_once(impl):
+    """torch warns about a parameter listed twice in a group (and will make it an error); it is
+    stepped once here, as if listed once."""
+    params = make_params(torch.float64)
+    ours = clone_params(params)
+    ref_opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = FusedScaledSGD(ours + ours[:2], lr=0.1, momentum=0.9, noise_scale=True, **impl)
+    for _ in range(3):
+        for a, b in zip(params, ours):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ref_opt.step()
+        opt.step()
+    for a, b in zip(params, ours):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert len(opt.gradient_stats()["last_grad_sq_norm_per_tensor"]) == len(ours)
