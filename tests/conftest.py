@@ -30,3 +30,13 @@ def make_params(dtype=torch.float32, device="cpu", shapes=((7, 5), (5,), (3, 4, 
 
 def clone_params(params):
     return [p.detach().clone().requires_grad_(True) for p in params]
+
+
+def step_both(ref_opt, params, opt, ours, steps):
+    """``steps`` steps of two optimizers over twin parameters, on the same fresh random grads."""
+    for _ in range(steps):
+        for a, b in zip(params, ours):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ref_opt.step()
+        opt.step()

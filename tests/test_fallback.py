@@ -10,7 +10,7 @@ import torch
 
 import fastscale
 from fastscale import FusedScaledSGD
-from conftest import native_cpu
+from conftest import native_cpu, step_both
 
 
 def run_python(code, **env):
@@ -59,12 +59,7 @@ def test_native_cpu_is_used_and_agrees():
     qs = [p.detach().clone().requires_grad_(True) for p in ps]
     a = FusedScaledSGD(ps, lr=0.1, momentum=0.9, fused=True)
     b = FusedScaledSGD(qs, lr=0.1, momentum=0.9, fused=False)
-    for _ in range(3):
-        for p, q in zip(ps, qs):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        a.step()
-        b.step()
+    step_both(b, qs, a, ps, 3)
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q)
 

@@ -11,7 +11,7 @@ from torch.testing._internal.common_optimizers import (
 )
 
 from fastscale import FusedScaledSGD
-from conftest import clone_params, make_params
+from conftest import clone_params, make_params, step_both
 
 CONFIGS = optim_inputs_func_sgd("cpu")
 # fp32/fp64 differ from torch only by rounding (p - lr·g vs p + (-lr)·g); reduced precision is
@@ -30,12 +30,7 @@ def run_both(kwargs, dtype, impl, steps=12, fs_extra=None):
     ours = clone_params(params)
     ref_opt = torch.optim.SGD(params, **kwargs, foreach=False)
     opt = FusedScaledSGD(ours, **copy.deepcopy(kwargs), **impl, **(fs_extra or {}))
-    for _ in range(steps):
-        for a, b in zip(params, ours):
-            g = torch.randn_like(a)
-            a.grad, b.grad = g.clone(), g.clone()
-        ref_opt.step()
-        opt.step()
+    step_both(ref_opt, params, opt, ours, steps)
     return params, ours, ref_opt, opt
 
 
@@ -134,12 +129,7 @@ def test_amp_overflow_leaves_no_momentum_buffers(impl):
     assert all("momentum_buffer" not in opt.state[p] for p in ours)
     assert all(torch.equal(a, b) for a, b in zip(before, ours))
     assert opt.gradient_stats()["steps"] == 0
-    for _ in range(3):
-        for a, b in zip(params, ours):
-            a.grad = torch.randn_like(a)
-            b.grad = a.grad.clone()
-        ref_opt.step()
-        opt.step()
+    step_both(ref_opt, params, opt, ours, 3)
     for a, b in zip(params, ours):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a)
@@ -227,12 +217,7 @@ def test_parameter_listed_twice_is_stepped_once(impl):
     ref_opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False)
     with pytest.warns(UserWarning, match="duplicate parameters"):
         opt = FusedScaledSGD(ours + ours[:2], lr=0.1, momentum=0.9, noise_scale=True, **impl)
-    for _ in range(3):
-        for a, b in zip(params, ours):
-            a.grad = torch.randn_like(a)
-            b.grad = a.grad.clone()
-        ref_opt.step()
-        opt.step()
+    step_both(ref_opt, params, opt, ours, 3)
     for a, b in zip(params, ours):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     assert len(opt.gradient_stats()["last_grad_sq_norm_per_tensor"]) == len(ours)
