@@ -262,12 +262,15 @@ class StatisticsTracker:
     nothing.
     """
 
-    def __init__(self, config: NoiseScaleConfig | None, params: list[Tensor], device: torch.device):
+    def __init__(self, config: NoiseScaleConfig | None, params: list[Tensor], device: torch.device,
+                 estimator: NoiseScaleEstimator | None = None):
         self.config = config
         self.device = device
         self.params = list(params)
         self.index = {p: i for i, p in enumerate(self.params)}
-        self.estimator = NoiseScaleEstimator(config, len(self.params), device) if config is not None else None
+        if estimator is None and config is not None:
+            estimator = NoiseScaleEstimator(config, len(self.params), device)
+        self.estimator = estimator
         self.snapshots: list[Tensor | None] = [None] * len(self.params)
         self.last_norms: Tensor | None = None  # per-tensor |g|² of the last step, as stepped
         self.last_examples: float | None = None
@@ -277,11 +280,10 @@ class StatisticsTracker:
 
     # ----------------------------------------------------------------- structure
     def with_params(self, params: list[Tensor]) -> "StatisticsTracker":
-        """A tracker for a grown parameter list, keeping this one's estimate (add_param_group)."""
-        new = StatisticsTracker(None, params, self.device)
-        new.config = self.config
-        if self.estimator is not None:
-            new.estimator = self.estimator.resized(len(params))
+        """A tracker for a grown parameter list, keeping this one's estimate (add_param_group;
+        micro-batches pending for the next step are dropped, as by ``zero_grad()``)."""
+        estimator = None if self.estimator is None else self.estimator.resized(len(params))
+        new = StatisticsTracker(self.config, params, self.device, estimator)
         new.snapshots[: len(self.snapshots)] = self.snapshots
         new.last_examples = self.last_examples
         return new
@@ -289,7 +291,7 @@ class StatisticsTracker:
     def positions(self, params: list[Tensor]) -> list[int]:
         return [self.index[p] for p in params]
 
-    def _vector(self, norms: list[Tensor], positions: list[int]) -> tuple[Tensor, Tensor]:
+    def per_tensor(self, norms: list[Tensor], positions: list[int]) -> tuple[Tensor, Tensor]:
         """Per-tensor vector over all parameters (0 where absent) and the mask of those present."""
         n = len(self.params)
         if len(norms) == 1 and positions == list(range(n)):
@@ -315,7 +317,7 @@ class StatisticsTracker:
     def grad_sq_norms(self, params: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Per-tensor |.grad|² now (fp32 vector over all parameters) and the mask present."""
         with_grad = [p for p in params if p.grad is not None]
-        return self._vector(*squared_norms_at([p.grad for p in with_grad], self.positions(with_grad)))
+        return self.per_tensor(*squared_norms_at([p.grad for p in with_grad], self.positions(with_grad)))
 
     def observe(self, m: Measurement) -> None:
         """Take one step's complete measurement from a source (per-example norms, replicas)."""
@@ -383,7 +385,7 @@ class StatisticsTracker:
                     snaps.append(_dense_real(snap))
                 norms.append(accumulate_op(part[0].device)(snaps, [_dense_real(p.grad) for p in part], first=first))
                 positions += [self.index[p] for p in part]
-        sq_pt, _ = self._vector(norms, positions)
+        sq_pt, _ = self.per_tensor(norms, positions)
         sq_pt = sq_pt.double()
         if divisor is not None:
             sq_pt = sq_pt * divisor
@@ -413,7 +415,7 @@ class StatisticsTracker:
         b_big = total_c**2 / sum(ci * ci / bi for ci, bi in zip(c, sizes))
         b_small = k / sum(1.0 / bi for bi in sizes)  # mean of |G_i|²: variance term tr(Σ)·mean(1/b_i)
         seen = sorted(acc.seen)
-        big_pt, present = self._vector(*squared_norms_at([self.snapshots[i] for i in seen], seen))
+        big_pt, present = self.per_tensor(*squared_norms_at([self.snapshots[i] for i in seen], seen))
         big_pt = big_pt.double()
         if acc.amp_divisor is not None:
             big_pt = big_pt * acc.amp_divisor

@@ -322,7 +322,7 @@ class FusedScaledSGD(Optimizer):
                 for p, b in zip(params, bufs):
                     if b is not None:
                         self.state[p]["momentum_buffer"] = b
-        last, _ = self.statistics._vector(norms, positions)
+        last, _ = self.statistics.per_tensor(norms, positions)
         self.statistics.on_step(last, found_inf, default_total=self.param_groups[0]["batch_size"])
         if found_inf is None:
             self._step_count.add_(1)
