@@ -149,6 +149,7 @@ class FusedScaledSGD(Optimizer):
     def _caches(self) -> None:
         self._checked: dict[int, tuple] = {}  # group index -> options last validated
         self._lr_cache: dict[int, tuple] = {}  # group index -> (key, lr tensor) while constant
+        self._positions: dict[tuple, list[int]] = {}  # ids of the stepped params -> statistics positions
 
     # ----------------------------------------------------------------- copies
     def __getstate__(self) -> dict:
@@ -265,11 +266,9 @@ class FusedScaledSGD(Optimizer):
 
     def _collect(self, group: dict):
         """The group's parameters with gradients (each once), their gradients and buffers."""
-        params, seen = [], set()
-        for p in group["params"]:
-            if p.grad is not None and p not in seen:
-                seen.add(p)
-                params.append(p)
+        params = [p for p in group["params"] if p.grad is not None]
+        if len(set(map(id, params))) != len(params):  # listed twice (torch warns): stepped once
+            params = list({id(p): p for p in params}.values())
         grads = [p.grad for p in params]
         for p, g in zip(params, grads):
             if p.dtype not in _REAL + _COMPLEX or g.dtype != p.dtype:
@@ -317,7 +316,11 @@ class FusedScaledSGD(Optimizer):
                 fused=False if pure_torch else group["fused"],
                 differentiable=group["differentiable"],
             ).detach())
-            positions += self.statistics.positions(params)
+            key = tuple(map(id, params))
+            found = self._positions.get(key)
+            if found is None:
+                found = self._positions[key] = self.statistics.positions(params)
+            positions += found
             if group["momentum"] != 0:
                 for p, b in zip(params, bufs):
                     if b is not None:
