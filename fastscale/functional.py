@@ -2,7 +2,9 @@
 
 Shaped like ``torch.optim.sgd.sgd``: the class collects a group's tensors and its effective
 lr, this computes. Complex tensors are stepped as their real views (SGD is elementwise and
-linear, and |z|² = re² + im²); sparse gradients take torch's own per-tensor path.
+linear, and |z|² = re² + im²); sparse gradients take torch's own per-tensor path, and so does
+``differentiable=True`` (torch's ``_single_tensor_sgd`` under autograd: the pure-torch twin's
+``_foreach_*`` ops have no derivative or save tensors the step then overwrites).
 """
 
 from __future__ import annotations
@@ -40,14 +42,24 @@ def fused_scaled_sgd(
     ``momentum_buffer_list`` holds each parameter's buffer or None; as in torch's ``sgd()``,
     None entries are replaced by new buffers, except on a step skipped for an AMP overflow.
     ``lr`` is a 1-element tensor. ``fused``: None calls the dispatched op (compiled kernel
-    where built), False the pure-torch twin; ``differentiable`` runs the twin under autograd.
+    where built), False the pure-torch twin; ``differentiable`` runs torch's per-tensor step
+    under autograd (:func:`_differentiable_sgd`). A sparse gradient with ``weight_decay``
+    raises torch's error before anything is written.
     """
     n = len(params)
     device = params[0].device if params else lr.device
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
-    op = reference.fused_sgd_ if fused is False or differentiable else ops.fused_sgd_
     sparse = [i for i, g in enumerate(grads) if g.is_sparse]
+    if sparse and weight_decay != 0:
+        # torch.optim.SGD raises this (grad.add(param) with a sparse grad) at that parameter;
+        # here before anything is written.
+        raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) instead.")
+    if differentiable:
+        return _differentiable_sgd(params, grads, momentum_buffer_list, lr=lr, weight_decay=weight_decay,
+                                   momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
+                                   grad_scale=grad_scale, found_inf=found_inf)
+    op = reference.fused_sgd_ if fused is False else ops.fused_sgd_
     buckets: dict = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.is_sparse:
@@ -94,7 +106,7 @@ def _sparse_sgd(params, grads, bufs, i, lr, weight_decay, momentum, dampening, n
     p, grad = params[i], grads[i]
     if grad_scale is not None:
         grad = grad / grad_scale.to(grad.device)
-    norm = grad.coalesce()._values().float().square().sum().reshape(1)
+    norm = _sq_norm(grad.coalesce()._values())  # |z|² for complex: not .float() (drops the imaginary part)
     if found_inf is not None and bool(found_inf.item()):
         return norm
     if maximize:
@@ -110,3 +122,44 @@ def _sparse_sgd(params, grads, bufs, i, lr, weight_decay, momentum, dampening, n
         grad = grad.add(buf, alpha=momentum) if nesterov else buf
     p.add_(grad, alpha=-lr.item())
     return norm
+
+
+def _sq_norm(t: Tensor) -> Tensor:
+    """1-element fp32 |t|², reduced as the twin reduces (fp64 for fp64), complex as (re, im)."""
+    t = _real(t.detach())
+    return reference.squared_norms([t], t.device)
+
+
+def _differentiable_sgd(params, grads, bufs, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
+                        grad_scale, found_inf) -> Tensor:
+    """torch.optim.SGD's ``_single_tensor_sgd``, op for op, under autograd (``differentiable=True``):
+    the gradient flows to parameters, gradients, momentum buffers and a tensor ``lr`` as it does
+    through torch's. As in torch, a new momentum buffer is the detached gradient. An AMP step
+    (``grad_scale``/``found_inf``, which torch's unfused path never receives) reads the overflow
+    flag on the host, as torch's own ``lr`` handling does here."""
+    device = params[0].device
+    norms = []
+    if grad_scale is not None:
+        grads = [g / grad_scale.to(g.device) for g in grads]
+    for g in grads:
+        norms.append(_sq_norm(g).to(device))
+    if found_inf is not None and bool(found_inf.item()):
+        return torch.cat(norms)
+    lr = lr.reshape(())
+    lr_value = None if lr.requires_grad else lr.item()
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        if momentum != 0:
+            buf = bufs[i]
+            if buf is None:
+                buf = bufs[i] = grad.detach().clone()
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        if lr_value is None:
+            param.addcmul_(grad, lr.to(device=param.device), value=-1)
+        else:
+            param.add_(grad, alpha=-lr_value)
+    return torch.cat(norms)
