@@ -19,6 +19,13 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def check_sparse(grads: list[Tensor], weight_decay) -> None:
+    """torch.optim.SGD raises this at the parameter (grad.add(param) with a sparse grad); here
+    it is raised before anything is written."""
+    if (isinstance(weight_decay, Tensor) or weight_decay != 0) and any(g.is_sparse for g in grads):
+        raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) instead.")
+
+
 def fused_scaled_sgd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -50,16 +57,15 @@ def fused_scaled_sgd(
     device = params[0].device if params else lr.device
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
+    check_sparse(grads, weight_decay)
     sparse = [i for i, g in enumerate(grads) if g.is_sparse]
-    if sparse and weight_decay != 0:
-        # torch.optim.SGD raises this (grad.add(param) with a sparse grad) at that parameter;
-        # here before anything is written.
-        raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) instead.")
     if differentiable:
         return _differentiable_sgd(params, grads, momentum_buffer_list, lr=lr, weight_decay=weight_decay,
                                    momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
                                    grad_scale=grad_scale, found_inf=found_inf)
     op = reference.fused_sgd_ if fused is False else ops.fused_sgd_
+    if isinstance(weight_decay, Tensor):
+        weight_decay = weight_decay.item()  # the op takes a float: a tensor one is read on the host
     buckets: dict = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.is_sparse:
@@ -103,16 +109,26 @@ def _sparse_sgd(params, grads, bufs, i, lr, weight_decay, momentum, dampening, n
                 grad_scale, found_inf) -> Tensor:
     """torch.optim.SGD's per-tensor update for a sparse gradient (torch's fused and foreach
     paths do not take them either). Reads lr and the AMP flag on the host, as torch does."""
-    p, grad = params[i], grads[i]
+    grad = grads[i]
     if grad_scale is not None:
         grad = grad / grad_scale.to(grad.device)
     norm = _sq_norm(grad.coalesce()._values())  # |z|² for complex: not .float() (drops the imaginary part)
-    if found_inf is not None and bool(found_inf.item()):
-        return norm
+    if not (found_inf is not None and bool(found_inf.item())):
+        _single_tensor_sgd(params[i], grad, bufs, i, lr=lr.item(), weight_decay=weight_decay, momentum=momentum,
+                           dampening=dampening, nesterov=nesterov, maximize=maximize)
+    return norm
+
+
+def _single_tensor_sgd(param, grad, bufs, i, *, lr, weight_decay, momentum, dampening, nesterov, maximize):
+    """torch.optim.SGD's ``_single_tensor_sgd`` for one tensor, op for op (so autograd and
+    sparse gradients go through it as through torch's). ``bufs[i]`` is created if None, as the
+    detached gradient, as in torch."""
     if maximize:
         grad = -grad
-    if weight_decay != 0:
-        grad = grad.add(p, alpha=weight_decay)
+    if isinstance(weight_decay, Tensor):
+        grad = grad.addcmul(param.clone(), weight_decay.to(param.device))
+    elif weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
     if momentum != 0:
         buf = bufs[i]
         if buf is None:
@@ -120,8 +136,10 @@ def _sparse_sgd(params, grads, bufs, i, lr, weight_decay, momentum, dampening, n
         else:
             buf.mul_(momentum).add_(grad, alpha=1 - dampening)
         grad = grad.add(buf, alpha=momentum) if nesterov else buf
-    p.add_(grad, alpha=-lr.item())
-    return norm
+    if isinstance(lr, Tensor):
+        param.addcmul_(grad, lr.to(device=param.device), value=-1)
+    else:
+        param.add_(grad, alpha=-lr)
 
 
 def _sq_norm(t: Tensor) -> Tensor:
@@ -132,34 +150,20 @@ def _sq_norm(t: Tensor) -> Tensor:
 
 def _differentiable_sgd(params, grads, bufs, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
                         grad_scale, found_inf) -> Tensor:
-    """torch.optim.SGD's ``_single_tensor_sgd``, op for op, under autograd (``differentiable=True``):
-    the gradient flows to parameters, gradients, momentum buffers and a tensor ``lr`` as it does
-    through torch's. As in torch, a new momentum buffer is the detached gradient. An AMP step
-    (``grad_scale``/``found_inf``, which torch's unfused path never receives) reads the overflow
-    flag on the host, as torch's own ``lr`` handling does here."""
+    """torch.optim.SGD's ``_single_tensor_sgd`` under autograd (``differentiable=True``): the
+    gradient flows to parameters, gradients, momentum buffers, a tensor ``lr`` and a tensor
+    ``weight_decay`` as it does through torch's. An AMP step (``grad_scale``/``found_inf``,
+    which torch's unfused path never receives) reads the overflow flag on the host, as torch's
+    own ``lr`` handling does here."""
     device = params[0].device
-    norms = []
     if grad_scale is not None:
         grads = [g / grad_scale.to(g.device) for g in grads]
-    for g in grads:
-        norms.append(_sq_norm(g).to(device))
+    norms = torch.cat([_sq_norm(g).to(device) for g in grads])
     if found_inf is not None and bool(found_inf.item()):
-        return torch.cat(norms)
+        return norms
     lr = lr.reshape(())
-    lr_value = None if lr.requires_grad else lr.item()
+    lr = lr if lr.requires_grad else lr.item()
     for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        if momentum != 0:
-            buf = bufs[i]
-            if buf is None:
-                buf = bufs[i] = grad.detach().clone()
-            else:
-                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        if lr_value is None:
-            param.addcmul_(grad, lr.to(device=param.device), value=-1)
-        else:
-            param.add_(grad, alpha=-lr_value)
-    return torch.cat(norms)
+        _single_tensor_sgd(param, grads[i], bufs, i, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                           dampening=dampening, nesterov=nesterov, maximize=maximize)
+    return norms

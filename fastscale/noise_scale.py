@@ -20,6 +20,7 @@ step never waits for the device; only reading a figure synchronises.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import weakref
@@ -241,6 +242,29 @@ def check_loss_scale(loss_scale) -> float:
 class _Accumulation:
     """The micro-batches of the step being accumulated (host bookkeeping + device sums)."""
 
+    def __deepcopy__(self, memo):
+        # A deep copy of the model copies each .grad: point the copy at its own gradients, so
+        # the copied optimizer goes on with the same accumulation.
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.small_pt = copy.deepcopy(self.small_pt, memo)
+        new.amp_divisor = copy.deepcopy(self.amp_divisor, memo)
+        new.loss_scales, new.batch_sizes = list(self.loss_scales), list(self.batch_sizes)
+        new.seen = {}
+        for i, (ref, _) in self.seen.items():
+            grad = None if ref is None else ref()
+            if grad is not None:
+                twin = copy.deepcopy(grad, memo)
+                new.seen[i] = (weakref.ref(twin), twin._version)
+        return new
+
+    def __getstate__(self):
+        # Pickling drops .grad (torch pickles no gradients), so the gradients seen are gone:
+        # the next accumulate_grad() sees every one reset and starts a new accumulation.
+        state = dict(self.__dict__)
+        state["seen"] = {i: (None, v) for i, (_, v) in self.seen.items()}
+        return state
+
     def __init__(self):
         self.count = 0
         self.loss_scales: list[float] = []
@@ -343,7 +367,7 @@ class StatisticsTracker:
             # A parameter whose .grad is another tensor than at the last call (or None) had its
             # gradient reset: it counts afresh from this micro-batch. If every one was reset, the
             # loop reset the gradients outside the optimizer and a new accumulation starts.
-            kept = {i for i, (ref, _) in acc.seen.items() if ref() is not None and ref() is now.get(i)}
+            kept = {i for i, (ref, _) in acc.seen.items() if ref is not None and ref() is not None and ref() is now.get(i)}
             if acc.seen and not kept:
                 acc = None
             elif now and all(i in kept and acc.seen[i][1] == g._version for i, g in now.items()):

@@ -19,7 +19,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import ops
 from . import scaling as lr_scaling
-from .functional import fused_scaled_sgd
+from .functional import check_sparse, fused_scaled_sgd
 from .noise_scale import (
     Measurement,
     NoiseScaleConfig,
@@ -53,8 +53,12 @@ def _check_sgd_options(group: dict) -> None:
     if lr < 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
     for key in ("momentum", "dampening", "weight_decay"):
-        if not _is_number(group[key]):
-            raise TypeError(f"{key} must be a float, got {type(group[key]).__name__}")
+        value = group[key]
+        if key == "weight_decay" and isinstance(value, Tensor):  # as torch: float | Tensor
+            if value.numel() != 1:
+                raise ValueError("Tensor weight_decay must be 1-element")
+        elif not _is_number(value):
+            raise TypeError(f"{key} must be a float, got {type(value).__name__}")
     if group["momentum"] < 0.0:
         raise ValueError(f"Invalid momentum value: {group['momentum']}")
     if group["weight_decay"] < 0.0:
@@ -278,6 +282,7 @@ class FusedScaledSGD(Optimizer):
                 )
             if g.is_sparse and (group["fused"] or group["differentiable"]):
                 raise RuntimeError("sparse gradients need fused=None or False and differentiable=False")
+        check_sparse(grads, group["weight_decay"])
         if group["fused"] is None and group["foreach"] is None and not group["differentiable"]:
             for device_type in {p.device.type for p in params}:
                 ops.check_native(device_type, required=False)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.autograd import gradcheck
 from torch.testing._internal.common_optimizers import optim_inputs_func_sgd
 
+from conftest import step_both
 from fastscale import FusedScaledSGD, NoiseScaleConfig
 
 
@@ -571,10 +572,6 @@ def test_copy_state_dict_equals_the_original(impl, kind):
     assert same(a["state"], b["state"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "noise_scale._Accumulation.seen holds weakref.ref(.grad): deepcopy keeps the weakref (it is "
-    "atomic to copy), so the copy's own .grad never matches and its accumulation restarts, "
-    "dropping the micro-batches taken before the copy"))
 def test_deepcopy_mid_accumulation_continues_the_accumulation(impl):
     """Copied between two micro-batches (deepcopy copies plain tensors' .grad), the copy
     finishes the step with the same statistics as the original."""
@@ -597,9 +594,6 @@ def test_deepcopy_mid_accumulation_continues_the_accumulation(impl):
     _assert_same(_snapshot(params, opt), _snapshot(new_params, new))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "noise_scale._Accumulation.seen holds weakref.ref objects, which pickle cannot serialise: "
-    "pickle/torch.save of an optimizer between accumulate_grad() and step() raises TypeError"))
 @pytest.mark.parametrize("kind", ["pickle(params, opt)", "torch.save(opt)"])
 def test_pickle_mid_accumulation_gives_a_working_optimizer(impl, kind):
     """A checkpoint taken between micro-batches pickles; the copy (whose params come back
@@ -617,3 +611,30 @@ def test_pickle_mid_accumulation_gives_a_working_optimizer(impl, kind):
         _train_step(params, opt, batch)
         _train_step(new_params, new, batch)
         _assert_same(_snapshot(params, opt), _snapshot(new_params, new))
+
+
+def test_tensor_weight_decay_like_torch(impl):
+    """torch's signature takes ``weight_decay: float | Tensor``; a 1-element tensor steps the same."""
+    torch.manual_seed(5)
+    p = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    q = p.detach().clone().requires_grad_(True)
+    ours = FusedScaledSGD([p], lr=0.1, momentum=0.9, weight_decay=torch.tensor(0.05), **impl)
+    theirs = torch.optim.SGD([q], lr=0.1, momentum=0.9, weight_decay=torch.tensor(0.05), foreach=False)
+    step_both(theirs, [q], ours, [p], 4)
+    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="Tensor weight_decay must be 1-element"):
+        FusedScaledSGD([p], lr=0.1, weight_decay=torch.tensor([0.1, 0.2]))
+
+
+def test_sparse_weight_decay_in_a_later_group_raises_before_the_first_group_steps(impl):
+    torch.manual_seed(6)
+    dense = torch.randn(3, requires_grad=True)
+    emb = torch.randn(5, 2, requires_grad=True)
+    opt = FusedScaledSGD([{"params": [dense]}, {"params": [emb], "weight_decay": 0.01}], lr=0.1, **impl)
+    dense.grad = torch.randn(3)
+    emb.grad = torch.sparse_coo_tensor([[1, 4]], torch.randn(2, 2), (5, 2), check_invariants=True)
+    before = dense.detach().clone()
+    with pytest.raises(RuntimeError, match=r"add\(sparse, dense\) is not supported"):
+        opt.step()
+    assert torch.equal(dense, before)
+    assert opt.gradient_stats()["steps"] == 0
