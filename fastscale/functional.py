@@ -73,7 +73,7 @@ def fused_scaled_sgd(
         first = momentum != 0 and momentum_buffer_list[i] is None
         buckets.setdefault((p.device, p.dtype, first), []).append(i)
     norms, order = [], []
-    for (dev, _, first), idx in buckets.items():
+    for (dev, dtype, first), idx in buckets.items():
         on_dev = lambda t: None if t is None else t.to(dev, non_blocking=True)  # noqa: E731
         if momentum == 0:
             bufs = []
@@ -81,8 +81,11 @@ def fused_scaled_sgd(
             bufs = [torch.empty_like(params[i], memory_format=torch.preserve_format) for i in idx]
         else:
             bufs = [momentum_buffer_list[i] for i in idx]
+        ps, gs, bs = [params[i] for i in idx], [grads[i] for i in idx], bufs
+        if dtype.is_complex:
+            ps, gs, bs = ([torch.view_as_real(t) for t in ts] for ts in (ps, gs, bs))
         out = op(
-            [_real(params[i]) for i in idx], [_real(grads[i]) for i in idx], [_real(b) for b in bufs],
+            ps, gs, bs,
             lr=on_dev(lr).reshape(()), weight_decay=weight_decay, momentum=momentum, dampening=dampening,
             nesterov=nesterov, maximize=maximize, is_first_step=first,
             grad_scale=on_dev(grad_scale), found_inf=on_dev(found_inf),
