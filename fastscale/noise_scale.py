@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import statistics
 import weakref
 from dataclasses import dataclass
 
@@ -34,25 +35,58 @@ from . import reference
 
 @dataclass(frozen=True)
 class NoiseScaleConfig:
-    """How the optimizer estimates the gradient noise scale.
+    """How the optimizer estimates the gradient noise scale (see :class:`NoiseScaleEstimator`).
 
-    beta: decay of the moving averages of |G|² and tr(Σ), per update (0 <= beta < 1).
-    per_tensor: also keep the averages per parameter tensor (per-layer noise scale).
-    min_updates: updates before the estimate counts as warmed up (``scaling="noise"`` uses
-        its fallback until then).
+    windows: the window lengths, in updates, among which the estimator picks per step the
+        longest one consistent with the shorter ones (default 16 … 4096).
+    beta: instead of ``windows``, one fixed window of decay ``beta`` per update (0 <= beta < 1,
+        window 1/(1 − beta)); ``beta=0`` uses the last step alone.
+    per_tensor: also estimate per parameter tensor (per-layer noise scale).
+    min_updates: updates before the estimate can count as ready (``scaling="noise"`` uses its
+        fallback until the estimate is ready).
+    level: coverage of the reported intervals (default 0.9).
+    ici_width: half-width, in standard errors, of the intervals compared to choose the window.
+    noise_window: window, in updates, of the per-step noise variance (from successive differences).
     """
 
-    beta: float = 0.99
+    beta: float | None = None
     per_tensor: bool = True
     min_updates: int = 20
+    windows: tuple = (16, 64, 256, 1024, 4096)
+    level: float = 0.9
+    ici_width: float = 2.0
+    noise_window: int = 64
 
     def __post_init__(self):
-        if isinstance(self.beta, bool) or not (isinstance(self.beta, numbers.Real) and 0.0 <= self.beta < 1.0):
-            raise ValueError(f"NoiseScaleConfig.beta must be a float in [0, 1), got {self.beta!r}")
+        if self.beta is not None and (
+            isinstance(self.beta, bool) or not (isinstance(self.beta, numbers.Real) and 0.0 <= self.beta < 1.0)
+        ):
+            raise ValueError(f"NoiseScaleConfig.beta must be None or a float in [0, 1), got {self.beta!r}")
         if not isinstance(self.per_tensor, bool):
             raise TypeError(f"NoiseScaleConfig.per_tensor must be a bool, got {self.per_tensor!r}")
         if isinstance(self.min_updates, bool) or not (isinstance(self.min_updates, int) and self.min_updates >= 0):
             raise ValueError(f"NoiseScaleConfig.min_updates must be an int >= 0, got {self.min_updates!r}")
+        windows = self.windows
+        if not (isinstance(windows, tuple) and windows and all(
+                isinstance(w, numbers.Real) and not isinstance(w, bool) and w >= 1 for w in windows)
+                and list(windows) == sorted(set(windows))):
+            raise ValueError(f"NoiseScaleConfig.windows must be a tuple of increasing numbers >= 1, got {windows!r}")
+        if isinstance(self.level, bool) or not (isinstance(self.level, numbers.Real) and 0.0 < self.level < 1.0):
+            raise ValueError(f"NoiseScaleConfig.level must be a float in (0, 1), got {self.level!r}")
+        if isinstance(self.ici_width, bool) or not (isinstance(self.ici_width, numbers.Real) and self.ici_width > 0):
+            raise ValueError(f"NoiseScaleConfig.ici_width must be a float > 0, got {self.ici_width!r}")
+        if isinstance(self.noise_window, bool) or not (
+                isinstance(self.noise_window, numbers.Real) and self.noise_window >= 2):
+            raise ValueError(f"NoiseScaleConfig.noise_window must be a number >= 2, got {self.noise_window!r}")
+
+    def window_lengths(self) -> tuple:
+        """The windows in use: ``windows``, or the one window of a fixed ``beta``."""
+        return (1.0 / (1.0 - self.beta),) if self.beta is not None else tuple(float(w) for w in self.windows)
+
+    @property
+    def z(self) -> float:
+        """Normal quantile of the two-sided ``level`` interval (1.645 for 90%)."""
+        return statistics.NormalDist().inv_cdf(0.5 + self.level / 2)
 
     @staticmethod
     def from_arg(arg) -> "NoiseScaleConfig | None":
@@ -102,27 +136,46 @@ class Measurement:
 
 
 class NoiseScaleEstimator:
-    """Bias-corrected moving averages of |G|² and tr(Σ), total and per tensor, on one device.
+    """|G|², tr(Σ) and B_simple with standard errors, total and per tensor, on one device.
 
-    ``n_tensors`` is the number of parameter tensors the optimizer indexes (per-tensor vectors
-    are indexed by the parameter's position across all param groups).
+    Each step gives unbiased but noisy estimates (g2, tr) of quantities that drift as training
+    moves the parameters. A bank of exponentially weighted local-linear fits, one per window
+    length in ``config.windows``, estimates each quantity *now* (the fitted line at the current
+    step, so a steady drift does not lag); the per-step noise variance comes from successive
+    differences (which a slow drift barely inflates). The window used is the longest one whose
+    B_simple interval still overlaps those of all shorter windows (the intersection of
+    confidence intervals rule, Goldenshluger & Nemirovski 1997; Katkovnik 1999): short while the
+    figure moves, long while it is stable. Its standard error gives the reported interval.
+
+    Columns: 0 is the total over all tensors, 1… the tensors by the optimizer's parameter
+    position (``n_tensors`` of them when ``config.per_tensor``). Everything is a handful of
+    vectorised tensor ops per step, masked rather than branched, so nothing waits for the
+    device; only :meth:`read` synchronises.
     """
 
-    _KEYS = ("g2", "trace", "weight", "updates", "g2_pt", "trace_pt", "weight_pt")
+    _KEYS = ("fit", "noise", "prev", "updates")
 
     def __init__(self, config: NoiseScaleConfig, n_tensors: int, device: torch.device):
         self.config = config
         self.device = device
-        # Scalars in fp64: they are sums of many squared norms and live for the whole run.
-        self.g2 = device_scalar(0.0, device)
-        self.trace = device_scalar(0.0, device)
-        self.weight = device_scalar(0.0, device)  # 1 - beta^n over accepted updates: bias correction
-        self.updates = device_scalar(0.0, device)
-        n = n_tensors if config.per_tensor else 0
-        f32 = dict(dtype=torch.float32, device=device)
-        self.g2_pt = torch.zeros(n, **f32)
-        self.trace_pt = torch.zeros(n, **f32)
-        self.weight_pt = torch.zeros(n, **f32)
+        windows = config.window_lengths()
+        self.betas = torch.tensor([1.0 - 1.0 / w for w in windows], dtype=torch.float64, device=device)
+        self.windows = torch.tensor(windows, dtype=torch.float64, device=device)
+        k, c = len(windows), 1 + (n_tensors if config.per_tensor else 0)
+        f64 = dict(dtype=torch.float64, device=device)
+        # Weighted-regression sums per window and column, on the age j of each update
+        # (weights beta^j): S0 S1 S2 = Σw, Σw·j, Σw·j²; Q0 Q1 Q2 the same with w²; then for
+        # g2 and tr: Σw·x and Σw·j·x. 10 × K × C.
+        self.fit = torch.zeros(10, k, c, **f64)
+        # EMA of squared successive differences (g2, tr, cross) and its weight: 4 × C.
+        self.noise = torch.zeros(4, c, **f64)
+        self.prev = torch.full((3, c), math.nan, **f64)  # last (g2, tr) and whether there is one
+        self.prev[2] = 0.0
+        self.updates = torch.zeros(c, **f64)
+
+    @property
+    def n_tensors(self) -> int:
+        return self.updates.numel() - 1
 
     def resized(self, n_tensors: int) -> "NoiseScaleEstimator":
         """A copy with room for ``n_tensors`` tensors (new entries empty): for add_param_group."""
@@ -130,93 +183,211 @@ class NoiseScaleEstimator:
         new.load_state_dict(self.state_dict(), pad_to=n_tensors)
         return new
 
+    # ----------------------------------------------------------------- update
     def update(self, m: Measurement, skip: Tensor | None) -> None:
-        """Fold one step's measurement into the averages, on the device, without a sync.
-
-        A step whose ``skip`` flag is set (AMP overflow) or whose estimates are not finite
-        leaves every average unchanged; per-tensor entries not ``present`` are left unchanged.
-        """
+        """Fold one step's measurement in, on the device, without a sync. A step whose ``skip``
+        flag is set (AMP overflow) or whose estimates are not finite changes nothing; a tensor
+        not ``present`` this step keeps its figures."""
         if not m.b_big > m.b_small:
             return  # one batch size: no information about the noise
-        beta = self.config.beta
-        g2, trace = two_batch_estimates(m.small_sq.double(), m.big_sq.double(), m.b_small, m.b_big)
-        ok = torch.isfinite(g2) & torch.isfinite(trace)
+        small, big = m.small_sq.double().reshape(1), m.big_sq.double().reshape(1)
+        c = self.updates.numel()
+        present = torch.ones(1, dtype=torch.bool, device=self.device)
+        if c > 1:
+            if m.small_pt is None or m.big_pt is None:
+                small_pt = big_pt = torch.full((c - 1,), math.nan, dtype=torch.float64, device=self.device)
+            else:
+                small_pt, big_pt = m.small_pt.double(), m.big_pt.double()
+            small, big = torch.cat([small, small_pt]), torch.cat([big, big_pt])
+            pt_present = m.present if m.present is not None else torch.ones(c - 1, dtype=torch.bool, device=self.device)
+            present = torch.cat([present, pt_present.to(self.device)])
+        g2, tr = two_batch_estimates(small, big, m.b_small, m.b_big)
+        ok = present & torch.isfinite(g2) & torch.isfinite(tr)
+        ok = ok & ok[:1]  # a step the total rejects is rejected for every tensor
         if skip is not None:
             ok = ok & ~skip.to(device=self.device, dtype=torch.bool).reshape(1)
-        add = ok.double() * (1.0 - beta)  # decay and weight only on accepted updates
-        keep = 1.0 - add
-        self.g2.mul_(keep).add_(add * torch.where(ok, g2, 0.0))
-        self.trace.mul_(keep).add_(add * torch.where(ok, trace, 0.0))
-        self.weight.mul_(keep).add_(add)
-        self.updates.add_(ok.double())
-        if self.config.per_tensor and m.small_pt is not None and m.big_pt is not None:
-            g2_pt, trace_pt = two_batch_estimates(m.small_pt, m.big_pt, m.b_small, m.b_big)
-            ok_pt = ok & torch.isfinite(g2_pt) & torch.isfinite(trace_pt)
-            if m.present is not None:
-                ok_pt = ok_pt & m.present
-            add_pt = ok_pt.float() * (1.0 - beta)
-            keep_pt = 1.0 - add_pt
-            self.g2_pt.mul_(keep_pt).add_(add_pt * torch.where(ok_pt, g2_pt, 0.0))
-            self.trace_pt.mul_(keep_pt).add_(add_pt * torch.where(ok_pt, trace_pt, 0.0))
-            self.weight_pt.mul_(keep_pt).add_(add_pt)
+        x = torch.stack([torch.where(ok, g2, 0.0), torch.where(ok, tr, 0.0)])  # 2 × C
+        self._fold(x, ok)
+
+    def _fold(self, x: Tensor, ok: Tensor) -> None:
+        okf = ok.double()
+        b = self.betas[:, None]
+        b = torch.where(ok, b, 1.0)  # rejected: no decay, no ageing, nothing added
+        b2 = b * b
+        f = self.fit
+        s0, s1, s2, q0, q1, q2 = f[0], f[1], f[2], f[3], f[4], f[5]
+        # Ageing every past update by one step, then adding this one at age 0.
+        new = torch.stack([
+            b * s0 + okf,
+            b * (s1 + s0 * okf),
+            b * (s2 + (2 * s1 + s0) * okf),
+            b2 * q0 + okf,
+            b2 * (q1 + q0 * okf),
+            b2 * (q2 + (2 * q1 + q0) * okf),
+            b * f[6] + x[0],
+            b * (f[7] + f[6] * okf),
+            b * f[8] + x[1],
+            b * (f[9] + f[8] * okf),
+        ])
+        self.fit.copy_(new)
+        # Successive differences: Var(x_t − x_{t−1}) = 2·Var(x) for independent steps.
+        has_prev = ok & (self.prev[2] > 0)
+        d = x - torch.where(has_prev, self.prev[:2], x)
+        beta_n = 1.0 - 1.0 / self.config.noise_window
+        nb = torch.where(has_prev, beta_n, 1.0)
+        add = torch.where(has_prev, 1.0 - beta_n, 0.0)
+        sq = torch.stack([d[0] * d[0], d[1] * d[1], d[0] * d[1]]) / 2
+        self.noise[:3].mul_(nb).add_(add * sq)
+        self.noise[3].mul_(nb).add_(add)
+        self.prev[:2].copy_(torch.where(ok, x, self.prev[:2]))
+        self.prev[2].copy_(torch.where(ok, 1.0, self.prev[2]))
+        self.updates.add_(okf)
+
+    # ----------------------------------------------------------------- estimates
+    def _estimates(self) -> dict:
+        """Per column: the chosen window's |G|², tr(Σ), B_simple and their standard errors."""
+        f = self.fit
+        s0, s1, s2, q0, q1, q2 = f[0], f[1], f[2], f[3], f[4], f[5]
+        safe_s0 = s0.clamp_min(1e-300)
+        det = s0 * s2 - s1 * s1
+        # A trend needs >= 3 updates that are not all of one age.
+        sloped = det > 1e-9 * s2.clamp_min(1e-300) * safe_s0
+        safe_det = torch.where(sloped, det, 1.0)
+        age = s1 / safe_s0  # weighted mean age of the window's updates
+
+        def now(sx, sjx):
+            """(weighted mean, the trend carried from the mean age to now). The trend is
+            log-linear: the fitted slope relative to the mean, applied multiplicatively, so a
+            figure decaying exponentially (|G|² early in training) is followed without lag and
+            never extrapolated below zero; clamped to one e-fold."""
+            mean = sx / safe_s0
+            slope = (s0 * sjx - s1 * sx) / safe_det  # d x / d age
+            rate = -slope / torch.where(mean != 0, mean, 1.0)
+            return mean, torch.where(sloped, mean * torch.exp((rate * age).clamp(-1.0, 1.0)), mean)
+
+        g2_mean, g2_now = now(f[6], f[7])
+        tr_mean, tr_now = now(f[8], f[9])
+        # Variance factors (per unit per-step variance) of the mean and of the fitted line's
+        # value at age 0, the delta-method stand-in for the trend estimate.
+        v_mean = q0 / (safe_s0 * safe_s0)
+        v_now = torch.where(sloped, (s2 * s2 * q0 - 2 * s1 * s2 * q1 + s1 * s1 * q2) / (safe_det * safe_det), v_mean)
+        # Candidates from noisiest to steadiest: the trend at each window, then the plain mean
+        # at the longest windows (steadiest of all when nothing drifts).
+        steady = slice(max(len(self.windows) - 2, 0), None)
+        g2 = torch.cat([g2_now, g2_mean[steady]])
+        tr = torch.cat([tr_now, tr_mean[steady]])
+        factor = torch.cat([v_now, v_mean[steady]])
+        windows = torch.cat([self.windows, self.windows[steady]])
+        weight = self.noise[3].clamp_min(1e-300)
+        v_g2, v_tr, c_gt = (self.noise[:3] / weight)[:, None, :] * factor  # candidates × C each
+        known = (self.noise[3] > 0) & (torch.cat([s0, s0[steady]]) > 0)
+        b = tr / torch.where(g2 != 0, g2, math.nan)
+        rel = v_tr / (tr * tr) + v_g2 / (g2 * g2) - 2 * c_gt / (tr * g2)
+        sd_b = b.abs() * rel.clamp_min(0).sqrt()
+        # ICI: the last candidate whose interval meets every earlier candidate's.
+        gamma = self.config.ici_width
+        usable = known & torch.isfinite(sd_b)
+        lo = torch.where(usable, b - gamma * sd_b, -math.inf)
+        hi = torch.where(usable, b + gamma * sd_b, math.inf)
+        meets = torch.cummax(lo, 0).values <= torch.cummin(hi, 0).values
+        chosen = (torch.cumprod(meets.long(), 0).sum(0) - 1).clamp_min(0)  # C
+        pick = lambda t: t.gather(0, chosen[None, :])[0]  # noqa: E731
+        return {
+            "grad_sq_norm": pick(g2), "trace_cov": pick(tr), "b_simple": pick(b),
+            "grad_sq_norm_stderr": pick(v_g2).clamp_min(0).sqrt(), "trace_cov_stderr": pick(v_tr).clamp_min(0).sqrt(),
+            "b_simple_stderr": pick(sd_b), "window": windows[chosen],
+            "trend": chosen < len(self.windows),
+        }
+
+    def _ready(self, est: dict) -> Tensor:
+        """Per column: enough updates, both figures positive, and B_simple's interval above 0."""
+        z = self.config.z
+        return ((self.updates >= max(self.config.min_updates, 1)) & (est["grad_sq_norm"] > 0)
+                & (est["trace_cov"] > 0) & (est["b_simple"] - z * est["b_simple_stderr"] > 0))
 
     def b_noise(self, fallback: float) -> Tensor:
-        """1-element device tensor: the current B_simple, or ``fallback`` until warmed up (no sync)."""
-        ready = (self.updates >= max(self.config.min_updates, 1)) & (self.g2 > 0) & (self.trace > 0)
-        estimate = self.trace / torch.where(self.g2 > 0, self.g2, 1.0)
-        return torch.where(ready, estimate, fallback)
+        """1-element device tensor: the current B_simple, or ``fallback`` until it is ready (no sync)."""
+        est = self._estimates()
+        ready = self._ready(est)[:1]
+        return torch.where(ready, est["b_simple"][:1], fallback)
 
     def read(self) -> dict:
-        """Host copy of the estimates (this synchronises with the device)."""
-        weight = self.weight.item()
-        g2 = self.g2.item() / weight if weight > 0 else math.nan
-        trace = self.trace.item() / weight if weight > 0 else math.nan
-        out = {
-            "grad_sq_norm": g2,
-            "trace_cov": trace,
-            "b_simple": trace / g2 if weight > 0 and g2 != 0 else math.nan,
-            "updates": int(self.updates.item()),
-        }
+        """Host copy of the estimates, their standard errors and 90% intervals, and whether the
+        figure is ready (this synchronises with the device)."""
+        est = self._estimates()
+        ready = self._ready(est)
+        z = self.config.z
+        host = {k: v.cpu().tolist() for k, v in est.items()}
+        host["ready"] = ready.cpu().tolist()
+        updates = self.updates.cpu().tolist()
+        out = {}
+        for key in ("grad_sq_norm", "trace_cov", "b_simple"):
+            value, sd = host[key][0], host[f"{key}_stderr"][0]
+            out[key], out[f"{key}_stderr"] = _finite_or_nan(value), _finite_or_nan(sd)
+            out[f"{key}_low"], out[f"{key}_high"] = _finite_or_nan(value - z * sd), _finite_or_nan(value + z * sd)
+        out["updates"] = int(updates[0])
+        out["window"] = int(host["window"][0])
+        out["trend"] = bool(host["trend"][0])
+        out["ready"] = bool(host["ready"][0])
+        out["not_ready"] = None if out["ready"] else self._why_not(out, updates[0])
         if self.config.per_tensor:
-            w = self.weight_pt
-            safe = torch.where(w > 0, w, 1.0)
-            g2_pt = torch.where(w > 0, self.g2_pt / safe, math.nan)
-            tr_pt = torch.where(w > 0, self.trace_pt / safe, math.nan)
-            out["grad_sq_norm_per_tensor"] = g2_pt.cpu().tolist()
-            out["trace_cov_per_tensor"] = tr_pt.cpu().tolist()
-            out["b_simple_per_tensor"] = (tr_pt / g2_pt).cpu().tolist()
+            for key in ("grad_sq_norm", "trace_cov", "b_simple"):
+                vals, sds = host[key][1:], host[f"{key}_stderr"][1:]
+                seen = [u > 0 for u in updates[1:]]
+                out[f"{key}_per_tensor"] = [_finite_or_nan(v) if s else math.nan for v, s in zip(vals, seen)]
+                out[f"{key}_stderr_per_tensor"] = [_finite_or_nan(v) if s else math.nan for v, s in zip(sds, seen)]
+            out["ready_per_tensor"] = host["ready"][1:]
         return out
 
+    def _why_not(self, out: dict, updates: float) -> str:
+        if updates < max(self.config.min_updates, 1):
+            return f"warming up: {int(updates)} of {max(self.config.min_updates, 1)} updates"
+        if not out["grad_sq_norm"] > 0:
+            return "the |G|² estimate is not positive yet (the batches are far below the noise scale)"
+        if not out["trace_cov"] > 0:
+            return "the tr(Σ) estimate is not positive yet"
+        return "the interval of B_simple still includes zero"
+
+    # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         return {key: getattr(self, key).clone() for key in self._KEYS}
 
     def load_state_dict(self, state: dict, pad_to: int | None = None) -> None:
-        """Load saved averages; checks every entry's presence and size first, so a state saved
-        under another configuration raises here, having changed nothing."""
+        """Load a saved estimate; checks every entry's presence and shape first, so a state saved
+        under another configuration raises here, having changed nothing. ``pad_to``: a state of
+        fewer tensors, padded with empty ones (add_param_group)."""
         if not isinstance(state, dict):
             raise TypeError(f"noise-scale state must be a dict, got {type(state).__name__}")
-        n = self.g2_pt.numel()
         values = {}
         for key in self._KEYS:
             if key not in state:
                 raise KeyError(f"noise-scale state is missing {key!r}")
             value = state[key]
-            if not isinstance(value, Tensor) or not (value.is_floating_point() or value.dtype == torch.bool):
+            mine = getattr(self, key)
+            if not isinstance(value, Tensor) or not value.is_floating_point():
                 raise TypeError(f"noise-scale state {key!r} must be a float tensor, got {type(value).__name__}")
-            if key.endswith("_pt"):
-                if pad_to is not None and self.config.per_tensor:
-                    value = torch.cat([value.to(self.device), value.new_zeros(n - value.numel()).to(self.device)])
-                if value.shape != (n,):
-                    raise ValueError(
-                        f"noise-scale state {key!r} has {value.numel()} entries where this optimizer has {n} "
-                        f"(per_tensor={self.config.per_tensor}, {n} parameter tensors counted): it was saved "
-                        "under another NoiseScaleConfig or another set of parameters"
-                    )
-            elif value.numel() != 1:
-                raise ValueError(f"noise-scale state {key!r} must have one element, got shape {tuple(value.shape)}")
-            values[key] = value.detach().reshape(getattr(self, key).shape)
+            value = value.detach().to(device=self.device, dtype=mine.dtype)
+            if pad_to is not None and value.shape[:-1] == mine.shape[:-1] and value.shape[-1] <= mine.shape[-1]:
+                fill = math.nan if key == "prev" else 0.0
+                pad = torch.full((*mine.shape[:-1], mine.shape[-1] - value.shape[-1]), fill, dtype=mine.dtype,
+                                 device=self.device)
+                if key == "prev":
+                    pad[2] = 0.0
+                value = torch.cat([value, pad], dim=-1)
+            if value.shape != mine.shape:
+                raise ValueError(
+                    f"noise-scale state {key!r} has shape {tuple(value.shape)} where this optimizer's has "
+                    f"{tuple(mine.shape)} (windows {self.config.window_lengths()}, per_tensor={self.config.per_tensor}, "
+                    f"{self.n_tensors} parameter tensors): it was saved under another NoiseScaleConfig or another "
+                    "set of parameters"
+                )
+            values[key] = value
         for key, value in values.items():
-            setattr(self, key, value.to(device=self.device, dtype=getattr(self, key).dtype).clone())
+            setattr(self, key, value.clone())
+
+
+def _finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else math.nan
 
 
 def _amp_divisor(grad_scaler, device) -> Tensor | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
@@ -467,10 +468,17 @@ class FusedScaledSGD(Optimizer):
 
     # ----------------------------------------------------------------- readout
     def noise_scale(self) -> float:
-        """The current estimate of B_simple = tr(Σ)/|G|² (synchronises)."""
+        """The current estimate of B_simple = tr(Σ)/|G|² (synchronises), or NaN with a warning
+        while it is not ready (warming up, |G|² not yet positive, or an interval that still
+        includes zero): ``gradient_stats()`` has the figure, its interval and the reason."""
         if self.statistics.estimator is None:
             raise RuntimeError("noise_scale() needs the optimizer built with noise_scale=True")
-        return self.gradient_stats()["b_simple"]
+        stats = self.gradient_stats()
+        if not stats["ready"]:
+            warnings.warn("fastscale: the noise-scale estimate is not ready yet, noise_scale() returns NaN; "
+                          "gradient_stats()['not_ready'] says why", stacklevel=2)
+            return math.nan
+        return stats["b_simple"]
 
     def gradient_stats(self) -> dict:
         """Host copy of the statistics: the noise-scale estimate (|G|², tr(Σ), B_simple, per

@@ -211,6 +211,9 @@ def test_complex_params_measure_as_their_real_views(impl):
         sz, sr = opt_z.gradient_stats(), opt_r.gradient_stats()
         assert sz.keys() == sr.keys()
         for key in sz:
+            if isinstance(sz[key], (str, bool)) or sz[key] is None:
+                assert sz[key] == sr[key], key
+                continue
             torch.testing.assert_close(torch.tensor(sz[key], dtype=torch.float64),
                                        torch.tensor(sr[key], dtype=torch.float64), rtol=1e-6, atol=0)
     assert sz["updates"] == 3

@@ -148,7 +148,7 @@ def test_noise_rule_follows_the_live_estimate_once_warmed_up(impl):
     for step in range(8):
         if step < 5:  # fewer than min_updates updates: the fallback B_noise = base batch size
             assert opt.current_lr()[0] == pytest.approx(fallback_lr, rel=1e-12)
-        per_example = torch.randn(32, 6, dtype=torch.float64) * 3 + 0.2  # B_simple = 6·9 / (6·0.2²) = 225
+        per_example = torch.randn(256, 6, dtype=torch.float64) * 3 + 0.5  # B_simple = 6·9 / (6·0.5²) = 36
         p.grad = per_example.mean(0)
         opt.observe_per_example_norms(per_example.square().sum(1))
         opt.step()
