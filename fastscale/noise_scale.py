@@ -532,16 +532,12 @@ class StatisticsTracker:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
         acc = self._accumulation
         params = [p for bucket in params_by_bucket for p in bucket]
-        now = {self.index[p]: p.grad for p in params}
         kept: set[int] = set()  # positions whose .grad is the tensor the last call saw
         if acc is not None:
-            # A parameter whose .grad is another tensor than at the last call (or None) had its
-            # gradient reset: it counts afresh from this micro-batch. If every one was reset, the
-            # loop reset the gradients outside the optimizer and a new accumulation starts.
-            kept = {i for i, (ref, _) in acc.seen.items() if ref is not None and ref() is not None and ref() is now.get(i)}
+            kept, unchanged = _grads_since(acc.seen, {self.index[p]: p.grad for p in params})
             if acc.seen and not kept:
                 acc = None
-            elif now and all(i in kept and acc.seen[i][1] == g._version for i, g in now.items()):
+            elif unchanged:
                 raise RuntimeError(
                     "accumulate_grad() was called twice without a backward in between: no gradient changed "
                     "since the last call (call it once after each micro-batch's backward)"
@@ -591,7 +587,7 @@ class StatisticsTracker:
         acc.batch_sizes.append(batch_size)
         acc.amp_divisor = divisor
         for p in params:
-            acc.seen[self.index[p]] = (weakref.ref(p.grad), p.grad._version)
+            _remember_grad(acc.seen, self.index[p], p.grad)
         self._accumulation = acc
 
     def _finish_accumulation(self, default_total) -> Measurement | None:
@@ -637,6 +633,24 @@ class StatisticsTracker:
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict | None:
         return None if self.estimator is None else self.estimator.state_dict()
+
+
+# Host bookkeeping of which .grad tensors an accumulation has seen, kept out of torch.compile:
+# traced, ._version reads the graph input's counter (not the real .grad's), and guarding on the
+# identity of each .grad would recompile at every step.
+@torch.compiler.disable
+def _grads_since(seen: dict, now: dict) -> tuple[set, bool]:
+    """(positions whose .grad is the tensor seen at the last call, whether no gradient changed
+    since then). A .grad that is another tensor (or None) was reset: it counts afresh; if every
+    one was, the loop reset the gradients outside the optimizer and a new accumulation starts."""
+    kept = {i for i, (ref, _) in seen.items() if ref is not None and ref() is not None and ref() is now.get(i)}
+    unchanged = bool(now) and all(i in kept and seen[i][1] == g._version for i, g in now.items())
+    return kept, unchanged
+
+
+@torch.compiler.disable
+def _remember_grad(seen: dict, position: int, grad: Tensor) -> None:
+    seen[position] = (weakref.ref(grad), grad._version)
 
 
 def _dense_real(t: Tensor) -> Tensor:
