@@ -1,4 +1,5 @@
-"""The study: every task × batch size × scaling rule, then targets, mismatches and fits."""
+"""The study per task: the critical batch size measured by branching (measure.py), and every
+batch size × scaling rule trained from scratch, with targets, mismatches and fits."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import fit
+from .measure import MeasureConfig, measure
 from .tasks import StudyError, make_task
-from .train import RunConfig, train_run
+from .train import RunConfig
 
 RULES = ("none", "linear", "sqrt", "noise")
+PARTS = ("critical", "rules")
 
 
 def default_batch_sizes(max_batch: int = 1024) -> list[int]:
@@ -30,9 +33,11 @@ QUICK_BATCH_SIZES = [8, 32, 128, 512]
 
 @dataclass
 class StudyConfig:
-    tasks: list[str] = field(default_factory=lambda: ["digits", "lstsq"])
+    tasks: list[str] = field(default_factory=lambda: ["digits", "lstsq", "charlm"])
     model: str | None = None
-    batch_sizes: list[int] = field(default_factory=default_batch_sizes)
+    parts: list[str] = field(default_factory=lambda: list(PARTS))
+    # --- from scratch, under each scaling rule
+    batch_sizes: list[int] | None = None  # None: the task's ladder
     rules: list[str] = field(default_factory=lambda: list(RULES))
     base_batch_size: int = 8
     lr: float | None = None  # None: the task's default (tuned at the base batch size)
@@ -50,10 +55,24 @@ class StudyConfig:
     noise_fallback: float | None = None  # None: the base batch size (a cautious prior)
     noise_source: str = "micro"
     divergence_factor: float = 3.0
+    # --- the critical batch size, by branching
+    branch_batch_sizes: list[int] | None = None  # None: the task's ladder
+    branch_points: list[int] | None = None  # None: the task's points
+    branch_examples: int | None = None  # None: the task's
+    lr_factors: list[float] | None = None  # None: 4 factors (quick: 3)
+    seeds: int | None = None  # None: 3 (quick: 2)
+    crit_factor: float = 2.0
+    bootstrap: int = 1000
+    level: float = 0.9
+    # --- everything
     device: str = "cpu"
     seed: int = 0
     quick: bool = False
     impl: str = "auto"
+
+
+LR_FACTORS = (0.5, 2**-0.5, 1.0, 2**0.5)
+QUICK_LR_FACTORS = (0.5, 1.0, 2.0)
 
 
 def _run_config(cfg: StudyConfig, task) -> RunConfig:
@@ -78,6 +97,29 @@ def _run_config(cfg: StudyConfig, task) -> RunConfig:
     )
 
 
+def measure_config(cfg: StudyConfig, task) -> MeasureConfig:
+    d, q = task.defaults, cfg.quick
+    seeds = cfg.seeds or (2 if q else 3)
+    return MeasureConfig(
+        batch_sizes=tuple(sorted(set(cfg.branch_batch_sizes or (d.quick_branch_batch_sizes if q else d.branch_batch_sizes)))),
+        branch_points=tuple(sorted(set(cfg.branch_points or (d.quick_branch_points if q else d.branch_points)))),
+        branch_examples=cfg.branch_examples or (d.quick_branch_examples if q else d.branch_examples),
+        lr_factors=tuple(cfg.lr_factors or (QUICK_LR_FACTORS if q else LR_FACTORS)),
+        seeds=seeds,
+        trunk_seeds=max(seeds, 2),
+        crit_factor=cfg.crit_factor,
+        eval_every_examples=d.branch_eval_every_examples,
+        bootstrap=cfg.bootstrap,
+        level=cfg.level,
+        max_extend=2 if q else 3,
+    )
+
+
+def rule_batch_sizes(cfg: StudyConfig, task) -> list[int]:
+    d = task.defaults
+    return sorted(set(cfg.batch_sizes or (d.quick_batch_sizes if cfg.quick else d.batch_sizes)))
+
+
 def _at_target(run: dict, key: str):
     """``curve[key]`` at the first evaluation at or below the target loss (None if never)."""
     idx = run.get("_target_index")
@@ -93,6 +135,7 @@ def _summarise_run(run: dict, target: float, reference: dict) -> None:
     run["b_simple_final"] = run["curve"]["b_simple"][-1]
     if "b_simple_true" in run["curve"]:
         run["b_simple_true_at_target"] = _at_target(run, "b_simple_true")
+        run["b_noise_true_at_target"] = _at_target(run, "b_noise_true")
         run["b_simple_true_ema_at_target"] = _at_target(run, "b_simple_true_ema")
         run["estimator_vs_truth"] = _estimator_vs_truth(run)
     del run["_target_index"]
@@ -118,59 +161,74 @@ def _estimator_vs_truth(run: dict) -> dict:
     }
 
 
-def _fits(runs: list[dict], rules: list[str]) -> dict:
+def _fits(runs: list[dict], rules: list[str], bootstrap: int, level: float, seed: int) -> dict:
     """The trade-off fitted per rule, and to the best rule at each batch size: the lower envelope
-    over rules stands in for McCandlish et al.'s learning rate tuned per batch size."""
+    over rules stands in for tuning the lr per batch size. Intervals: bootstrap over the points."""
     out = {}
-    for rule in rules:
+    for k, rule in enumerate(rules):
         pts = [(r["batch_size"], r["steps_to_target"]) for r in runs if r["rule"] == rule and r["steps_to_target"]]
-        out[rule] = fit.fit_tradeoff(*zip(*pts)) if pts else None
+        out[rule] = _fit_with_interval(pts, bootstrap, level, seed + k)
     best: dict[int, float] = {}
     for r in runs:
         s = r["steps_to_target"]
         if s and (r["batch_size"] not in best or s < best[r["batch_size"]]):
             best[r["batch_size"]] = s
-    out["best"] = fit.fit_tradeoff(list(best), list(best.values())) if best else None
+    out["best"] = _fit_with_interval(sorted(best.items()), bootstrap, level, seed + len(rules))
     out["best_points"] = [{"batch_size": b, "steps_to_target": s} for b, s in sorted(best.items())]
     return out
 
 
-def run_task(name: str, cfg: StudyConfig, progress=None) -> dict:
-    task = make_task(name, cfg.model if name == "digits" else None, cfg.device)  # --model picks the digits model
-    run_cfg = _run_config(cfg, task)
-    target = task.defaults.target_loss if cfg.target_loss is None else cfg.target_loss
-    torch.manual_seed(cfg.seed)  # the same initial weights for every run
-    init_state = {k: v.detach().clone() for k, v in task.make_model().state_dict().items()}
-    batch_sizes = sorted(set(cfg.batch_sizes))
-    runs, shared = [], {}
+def _fit_with_interval(pts, bootstrap: int, level: float, seed: int) -> dict:
+    b, s = ([p[0] for p in pts], [p[1] for p in pts])
+    f = fit.fit_tradeoff(b, s)
+    if f["ok"]:
+        f["bootstrap"] = fit.bootstrap_points(b, s, bootstrap, level, seed)
+    return f
+
+
+def _rule_jobs(task_key, cfg: StudyConfig, run_cfg: RunConfig, init_state: dict, batch_sizes, target):
+    """One job per (batch size, rule), except that at B = B0 every rule gives the base rate and
+    no warmup: the first rule's run stands for all."""
+    jobs, index = [], {}
     for b in batch_sizes:
         for rule in cfg.rules:
-            if progress is not None:
-                progress.set_postfix_str(f"{name} B={b} {rule}")
-            if b == cfg.base_batch_size and shared:
-                # At B = B0 every rule gives the base rate and no warmup: the same run.
-                run = {**next(iter(shared.values())), "rule": rule, "shared_with": next(iter(shared))}
-            else:
-                run = train_run(task, init_state, b, rule, run_cfg, seed=cfg.seed * 100_003 + b, target_loss=target)
-                if b == cfg.base_batch_size:
-                    shared[rule] = run
-            runs.append(run)
-            if progress is not None:
-                progress.update(1)
+            if b == cfg.base_batch_size and index.get(b) is not None:
+                continue
+            index[(b, rule)] = len(jobs)
+            if b == cfg.base_batch_size:
+                index[b] = len(jobs)
+            jobs.append(("train_run", task_key, dict(init_state=init_state, batch_size=b, rule=rule, cfg=run_cfg,
+                                                      seed=cfg.seed * 100_003 + b, target_loss=target)))
+    return jobs, index
+
+
+def run_rules(task_key, task, cfg: StudyConfig, run_cfg: RunConfig, init_state: dict, runner) -> dict:
+    target = task.defaults.target_loss if cfg.target_loss is None else cfg.target_loss
+    batch_sizes = rule_batch_sizes(cfg, task)
+    jobs, index = _rule_jobs(task_key, cfg, run_cfg, init_state, batch_sizes, target)
+    labels = [f"{task.name} B={j[2]['batch_size']} {j[2]['rule']}" for j in jobs]
+    done = runner.map(jobs, labels)
+    runs = []
+    for b in batch_sizes:
+        for rule in cfg.rules:
+            if (b, rule) in index:
+                runs.append(done[index[(b, rule)]])
+            else:  # shared B0 run
+                first = done[index[b]]
+                runs.append({**first, "rule": rule, "shared_with": first["rule"]})
     # Each rule's curves are compared with its own smallest-batch (k = 1) run; when that batch is
     # B0 the four references are one shared run.
     references = {rule: next(r for r in runs if r["rule"] == rule) for rule in cfg.rules}
     for run in runs:
         _summarise_run(run, target, references[run["rule"]])
     result = {
-        "task": task.describe(),
         "target_loss": target,
         "settings": {k: v for k, v in asdict(run_cfg).items()},
         "batch_sizes": batch_sizes,
         "rules": list(cfg.rules),
         "reference_batch_size": batch_sizes[0],
         "runs": runs,
-        "fits": _fits(runs, cfg.rules),
+        "fits": _fits(runs, cfg.rules, cfg.bootstrap, cfg.level, cfg.seed),
     }
     at_target = [r["b_simple_at_target"] for r in runs if r.get("b_simple_at_target") is not None
                  and math.isfinite(r["b_simple_at_target"]) and not r.get("shared_with")]
@@ -179,27 +237,71 @@ def run_task(name: str, cfg: StudyConfig, progress=None) -> dict:
                 and math.isfinite(r["b_simple_true_ema_at_target"]) and not r.get("shared_with")]
     if averaged:
         result["b_simple_true_averaged_at_target_median"] = statistics.median(averaged)
-    if name == "lstsq":
-        delta_sq = 2.0 * target - task.sigma**2  # loss = ½(|δ|² + σ²)
-        result["b_simple_true_at_target"] = task.dim + 1 + task.dim * task.sigma**2 / delta_sq if delta_sq > 0 else None
+    for key in ("b_simple_true_at_target", "b_noise_true_at_target"):
+        vals = [r[key] for r in runs if r.get(key) is not None and math.isfinite(r[key]) and not r.get("shared_with")]
+        if vals:
+            result[key + "_median"] = statistics.median(vals)
+    return result
+
+
+def task_key(name: str, cfg: StudyConfig) -> tuple:
+    return (name, cfg.model if name == "digits" else None, cfg.device)  # --model picks the digits model
+
+
+def run_task(name: str, cfg: StudyConfig, runner=None) -> dict:
+    from .parallel import Runner
+
+    runner = runner or Runner(1)
+    key = task_key(name, cfg)
+    task = make_task(*key)
+    run_cfg = _run_config(cfg, task)
+    torch.manual_seed(cfg.seed)  # the same initial weights for every run
+    init_state = {k: v.detach().clone() for k, v in task.make_model().state_dict().items()}
+    result = {"task": task.describe(), "example_unit": task.example_unit}
+    if "critical" in cfg.parts:
+        result["critical"] = measure(key, task, run_cfg, measure_config(cfg, task), cfg.seed, init_state, runner)
+    if "rules" in cfg.parts:
+        result["rules"] = run_rules(key, task, cfg, run_cfg, init_state, runner)
     return result
 
 
 def count_runs(cfg: StudyConfig) -> int:
-    return len(cfg.tasks) * len(set(cfg.batch_sizes)) * len(cfg.rules)
+    """Runs the progress bar counts (the branches' total is an upper bound: a ladder stops early
+    when no branch point is left)."""
+    total = 0
+    for name in cfg.tasks:
+        from .tasks import TASKS
+
+        d = TASKS[name].defaults
+        if "rules" in cfg.parts:
+            sizes = set(cfg.batch_sizes or (d.quick_batch_sizes if cfg.quick else d.batch_sizes))
+            total += len(sizes) * len(cfg.rules) - (len(cfg.rules) - 1) * (cfg.base_batch_size in sizes)
+        if "critical" in cfg.parts:
+            seeds = cfg.seeds or (2 if cfg.quick else 3)
+            ladder = set(cfg.branch_batch_sizes or (d.quick_branch_batch_sizes if cfg.quick else d.branch_batch_sizes))
+            points = set(cfg.branch_points or (d.quick_branch_points if cfg.quick else d.branch_points))
+            factors = cfg.lr_factors or (QUICK_LR_FACTORS if cfg.quick else LR_FACTORS)
+            total += max(seeds, 2) + len(points) * len(ladder) * len(factors) * seeds
+    return total
 
 
 def check_config(cfg: StudyConfig) -> None:
-    if not cfg.batch_sizes:
-        raise StudyError("no batch sizes given")
-    for b in cfg.batch_sizes:
-        if b <= 0:
-            raise StudyError(f"batch sizes must be positive integers, got {b}")
+    for label, sizes in (("batch sizes", cfg.batch_sizes), ("branch batch sizes", cfg.branch_batch_sizes)):
+        if sizes is not None:
+            if not sizes:
+                raise StudyError(f"no {label} given")
+            for b in sizes:
+                if b <= 0:
+                    raise StudyError(f"{label} must be positive integers, got {b}")
+    if cfg.branch_batch_sizes is not None and len(set(cfg.branch_batch_sizes)) < 2:
+        raise StudyError("--branch-batch-sizes needs at least 2 batch sizes (the smallest is the reference)")
     if cfg.base_batch_size <= 0:
         raise StudyError(f"--base-batch-size must be a positive integer, got {cfg.base_batch_size}")
     for rule in cfg.rules:
         if rule not in RULES:
             raise StudyError(f"unknown scaling rule {rule!r} (choose from {', '.join(RULES)})")
+    if not cfg.parts:
+        raise StudyError("nothing to do: --skip removes both parts of the study")
     if cfg.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise StudyError(f"--device {cfg.device} was asked for but torch sees no CUDA device "
