@@ -292,10 +292,17 @@ class NoiseScaleEstimator:
         meets = torch.cummax(lo, 0).values <= torch.cummin(hi, 0).values
         chosen = (torch.cumprod(meets.long(), 0).sum(0) - 1).clamp_min(0)  # C
         pick = lambda t: t.gather(0, chosen[None, :])[0]  # noqa: E731
+        # The noise of the chosen estimate, plus what of its disagreement with the shorter
+        # windows' estimates their noise does not explain (the drift it may still lag behind).
+        b_c, sd_c = pick(b), pick(sd_b)
+        earlier = torch.arange(b.shape[0], device=b.device)[:, None] <= chosen[None, :]
+        excess = ((b - b_c).abs() - (sd_b * sd_b + sd_c * sd_c).sqrt()).clamp_min(0)
+        excess = torch.where(earlier & torch.isfinite(excess), excess, 0.0).amax(0)
+        sd_total = (sd_c * sd_c + excess * excess).sqrt()
         return {
             "grad_sq_norm": pick(g2), "trace_cov": pick(tr), "b_simple": pick(b),
             "grad_sq_norm_stderr": pick(v_g2).clamp_min(0).sqrt(), "trace_cov_stderr": pick(v_tr).clamp_min(0).sqrt(),
-            "b_simple_stderr": pick(sd_b), "window": windows[chosen],
+            "b_simple_stderr": sd_total, "window": windows[chosen],
             "trend": chosen < len(self.windows),
         }
 
