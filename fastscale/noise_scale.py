@@ -244,9 +244,10 @@ class NoiseScaleEstimator:
         self.updates.add_(okf)
 
     # ----------------------------------------------------------------- estimates
-    def _estimates(self) -> dict:
-        """Per column: the chosen window's |G|², tr(Σ), B_simple and their standard errors."""
-        f = self.fit
+    def _estimates(self, columns: slice = slice(None)) -> dict:
+        """Per column (of ``columns``): the chosen window's |G|², tr(Σ), B_simple and their
+        standard errors."""
+        f, noise = self.fit[..., columns], self.noise[:, columns]
         s0, s1, s2, q0, q1, q2 = f[0], f[1], f[2], f[3], f[4], f[5]
         safe_s0 = s0.clamp_min(1e-300)
         det = s0 * s2 - s1 * s1
@@ -278,9 +279,9 @@ class NoiseScaleEstimator:
         tr = torch.cat([tr_now, tr_mean[steady]])
         factor = torch.cat([v_now, v_mean[steady]])
         windows = torch.cat([self.windows, self.windows[steady]])
-        weight = self.noise[3].clamp_min(1e-300)
-        v_g2, v_tr, c_gt = (self.noise[:3] / weight)[:, None, :] * factor  # candidates × C each
-        known = (self.noise[3] > 0) & (torch.cat([s0, s0[steady]]) > 0)
+        weight = noise[3].clamp_min(1e-300)
+        v_g2, v_tr, c_gt = (noise[:3] / weight)[:, None, :] * factor  # candidates × C each
+        known = (noise[3] > 0) & (torch.cat([s0, s0[steady]]) > 0)
         b = tr / torch.where(g2 != 0, g2, math.nan)
         rel = v_tr / (tr * tr) + v_g2 / (g2 * g2) - 2 * c_gt / (tr * g2)
         sd_b = b.abs() * rel.clamp_min(0).sqrt()
@@ -306,17 +307,17 @@ class NoiseScaleEstimator:
             "trend": chosen < len(self.windows),
         }
 
-    def _ready(self, est: dict) -> Tensor:
+    def _ready(self, est: dict, columns: slice = slice(None)) -> Tensor:
         """Per column: enough updates, both figures positive, and B_simple's interval above 0."""
         z = self.config.z
-        return ((self.updates >= max(self.config.min_updates, 1)) & (est["grad_sq_norm"] > 0)
+        return ((self.updates[columns] >= max(self.config.min_updates, 1)) & (est["grad_sq_norm"] > 0)
                 & (est["trace_cov"] > 0) & (est["b_simple"] - z * est["b_simple_stderr"] > 0))
 
     def b_noise(self, fallback: float) -> Tensor:
         """1-element device tensor: the current B_simple, or ``fallback`` until it is ready (no sync)."""
-        est = self._estimates()
-        ready = self._ready(est)[:1]
-        return torch.where(ready, est["b_simple"][:1], fallback)
+        total = slice(0, 1)
+        est = self._estimates(total)
+        return torch.where(self._ready(est, total), est["b_simple"], fallback)
 
     def read(self) -> dict:
         """Host copy of the estimates, their standard errors and 90% intervals, and whether the
