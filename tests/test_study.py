@@ -104,6 +104,26 @@ def test_branching_measures_the_critical_batch_size(tiny_lstsq):
     assert c["inside"] == (lo <= c["estimate"] <= hi)
 
 
+def test_estimate_without_the_optimizers_interval(monkeypatch):
+    """A fastscale whose gradient_stats() has no interval, no ready flag: the study uses the range
+    over the repeated reference runs as the estimate's interval, and the report says n/a."""
+    full = fastscale.FusedScaledSGD.gradient_stats
+
+    def old_api(self):
+        return {k: v for k, v in full(self).items() if k in ("steps", "grad_sq_norm", "trace_cov", "b_simple")}
+
+    monkeypatch.setattr(fastscale.FusedScaledSGD, "gradient_stats", old_api)
+    cfg = StudyConfig(tasks=["lstsq"], parts=["critical"], **{**TINY, "branch_batch_sizes": [8, 16, 32]})
+    res = run_task("lstsq", cfg)
+    (pt,) = res["critical"]["points"]
+    assert pt["online"]["b_simple_low"] is None and pt["online"]["ready"] is None
+    c = pt["comparison"]
+    assert c["estimate_interval_kind"] == "the range over repeated trunks"
+    assert c["estimate"] == pt["online_median"] and c["estimate_interval"] == tuple(pt["online_range"])
+    row = next(line for line in report._critical_section("lstsq", res, []) if line.startswith("| single"))
+    assert f"{report._fmt(pt['online']['b_simple'])} n/a |" in row
+
+
 def test_lr_grid_is_extended_while_the_best_lr_sits_on_its_edge():
     """A grid far below the best lr: one lr is added above the edge, up to max_extend times."""
     torch.set_num_threads(1)
@@ -122,8 +142,13 @@ def test_criterion_on_the_mccandlish_model():
         steps = [50 * (1 + b_noise / b) for b in ladder]
         c = fit.critical_batch(ladder, steps, 2.0)
         assert c["status"] == "interpolated"
-        assert c["value"] == pytest.approx(b_noise + 16, rel=0.08)  # log-linear interpolation on a ×2 ladder
         assert c["largest_passing"] <= b_noise + 16 <= c["first_failing"]
+        # log r is interpolated linearly in log B between the last passing and first failing rung
+        lo, hi = c["largest_passing"], c["first_failing"]
+        r = [(b_noise + b) / (b_noise + 8) for b in (lo, hi)]
+        t = (math.log(2) - math.log(r[0])) / (math.log(r[1]) - math.log(r[0]))
+        assert c["value"] == pytest.approx(lo * (hi / lo) ** t, rel=1e-9)
+        assert c["value"] == pytest.approx(b_noise + 16, rel=0.03)
     above = fit.critical_batch([8, 16, 32], [400, 200, 100])
     assert above["status"] == "above" and math.isinf(above["value"]) and above["largest_passing"] == 32
     unreached = fit.critical_batch([8, 16, 32], [100, 60, None])
@@ -166,6 +191,8 @@ def test_bootstrap_points_for_the_from_scratch_fits():
     lo, hi = boot["fit_b_noise"]
     assert lo < fit.fit_tradeoff(ladder, steps)["b_noise"] < hi and lo < 150 < hi
     assert fit.bootstrap_points([8, 16], [100, 50], n=50)["fit_b_noise"] is None  # every replicate too few points
+    few = fit.bootstrap_points([8, 16, 32], [100, 60, 45], n=400)  # 7 in 9 replicates miss a batch size
+    assert few["fit_b_noise"] is None and few["fit_failed"] > 200
 
 
 # ----------------------------------------------------------------- too few points
@@ -375,9 +402,11 @@ def test_worker_processes_give_the_same_results():
     task = LeastSquaresTask()
     torch.manual_seed(0)
     state = task.make_model().state_dict()
+    # The first job is the longest: with two workers it finishes last, out of submission order.
     jobs = [("branch_run", ("lstsq", None, "cpu"), dict(state=state, batch_size=b, lr=0.2, momentum=0.0, seed=b,
-                                                        max_steps=20, eval_every=2, target=None, divergence_loss=1e9,
-                                                        impl="torch")) for b in (8, 16, 32)]
+                                                        max_steps=steps, eval_every=2, target=None,
+                                                        divergence_loss=1e9, impl="torch"))
+            for b, steps in ((8, 400), (16, 10), (32, 10), (64, 10))]
     with Runner(1) as one, Runner(2) as two:
         assert one.map(jobs) == two.map(jobs)
 
@@ -418,7 +447,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line(argv, message, capsys):
+def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
+    if argv[0] == "study":  # should the check go, fail fast ("at least 2 batch sizes") rather than run a study
+        argv = ["study", "--branch-batch-sizes", "16", "--out", str(tmp_path / "out"), *argv[1:]]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code != 0
