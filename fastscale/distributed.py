@@ -5,7 +5,8 @@ a small-batch gradient at no extra backward pass (McCandlish et al. 2018, Append
 communication hook here takes each bucket's per-parameter squared norms (one fused pass over the
 bucket's flat buffer, before it is divided and all-reduced), adds them into one small per-step
 vector, and, from the last bucket of the backward, launches ONE extra all-reduce of that vector.
-At ``optimizer.step()`` a step pre-hook feeds the optimizer the mean over replicas::
+At ``optimizer.step()`` a step pre-hook feeds the optimizer the mean over replicas (with
+``step(closure)``, right after the closure's backward)::
 
     mean_sq = (1/W) Σ_r |G_r|²     with B_small = local batch, B_big = W · local batch
 
@@ -174,8 +175,24 @@ class ReplicaNoiseScaleState:
             self._work.wait()
         self._reduced, self._work, self._backwards, self._big = None, None, 0, None
 
-    def _step_pre_hook(self, optimizer, args, kwargs) -> None:
-        self.feed(optimizer)  # a step pre-hook must return None (or new arguments)
+    def _step_pre_hook(self, optimizer, args, kwargs):
+        """Feed before the update; with ``step(closure)`` (Lightning, LBFGS-style loops) the
+        closure runs the backward inside ``step()``, after this hook: then the closure is wrapped
+        so the statistics are fed right after it returns, still before the update."""
+        # ``args`` holds step()'s positional arguments after ``self``: (closure,) or ().
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.feed(optimizer)
+            return None  # unchanged arguments
+
+        def closure_then_feed():
+            loss = closure()
+            self.feed(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_feed}
+        return (args[0], closure_then_feed, *args[2:]), kwargs
 
     def remove(self) -> None:
         """Stop feeding the optimizer automatically (DDP offers no way to remove a comm hook;
