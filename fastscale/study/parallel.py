@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 _TASKS: dict = {}
 
@@ -97,6 +98,12 @@ class Runner:
                 i = futures[fut]
                 out[i] = fut.result()
                 self._tick(labels[i])
+        except BrokenProcessPool:
+            from .tasks import StudyError
+
+            self._pool = None
+            raise StudyError("a worker process died (killed, out of memory, or the study was started from a script "
+                             "without `if __name__ == \"__main__\":`); --jobs 1 trains in this process") from None
         except BaseException:
             for fut in futures:
                 fut.cancel()

@@ -335,7 +335,8 @@ def _critical_section(name: str, res: dict, plots: list[str]) -> list[str]:
         "under a target early, by its own noise",
         f"- criterion: B passes while B·S(B) ≤ {cfg['crit_factor']:g}·B_ref·S(B_ref) (S: seed-mean steps to target at "
         f"the best lr); B_crit: the crossing, interpolated in log B between the last passing and first failing batch "
-        f"size; intervals: {cfg['level']:.0%} percentile bootstrap over seeds ({cfg['bootstrap']} replicates, lr "
+        f"size (were S = S_min(1 + B_noise/B) exact, it would sit at {_fmt(cfg['crit_factor'] - 1)}·B_noise + "
+        f"{cfg['crit_factor']:g}·B_ref); intervals: {cfg['level']:.0%} percentile bootstrap over seeds ({cfg['bootstrap']} replicates, lr "
         "re-tuned in each, target held fixed)",
         "",
     ]
