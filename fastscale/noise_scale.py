@@ -161,6 +161,7 @@ class NoiseScaleEstimator:
         windows = config.window_lengths()
         self.betas = torch.tensor([1.0 - 1.0 / w for w in windows], dtype=torch.float64, device=device)
         self.windows = torch.tensor(windows, dtype=torch.float64, device=device)
+        self.n_tensors = n_tensors
         k, c = len(windows), 1 + (n_tensors if config.per_tensor else 0)
         f64 = dict(dtype=torch.float64, device=device)
         # Weighted-regression sums per window and column, on the age j of each update
@@ -172,10 +173,6 @@ class NoiseScaleEstimator:
         self.prev = torch.full((3, c), math.nan, **f64)  # last (g2, tr) and whether there is one
         self.prev[2] = 0.0
         self.updates = torch.zeros(c, **f64)
-
-    @property
-    def n_tensors(self) -> int:
-        return self.updates.numel() - 1
 
     def resized(self, n_tensors: int) -> "NoiseScaleEstimator":
         """A copy with room for ``n_tensors`` tensors (new entries empty): for add_param_group."""
@@ -293,17 +290,21 @@ class NoiseScaleEstimator:
         meets = torch.cummax(lo, 0).values <= torch.cummin(hi, 0).values
         chosen = (torch.cumprod(meets.long(), 0).sum(0) - 1).clamp_min(0)  # C
         pick = lambda t: t.gather(0, chosen[None, :])[0]  # noqa: E731
-        # The noise of the chosen estimate, plus what of its disagreement with the shorter
-        # windows' estimates their noise does not explain (the drift it may still lag behind).
-        b_c, sd_c = pick(b), pick(sd_b)
         earlier = torch.arange(b.shape[0], device=b.device)[:, None] <= chosen[None, :]
-        excess = ((b - b_c).abs() - (sd_b * sd_b + sd_c * sd_c).sqrt()).clamp_min(0)
-        excess = torch.where(earlier & torch.isfinite(excess), excess, 0.0).amax(0)
-        sd_total = (sd_c * sd_c + excess * excess).sqrt()
+
+        def stderr(values, sds):
+            """The chosen estimate's noise, plus what of its disagreement with the noisier
+            candidates their noise does not explain (a drift it may still lag behind)."""
+            v, s = pick(values), pick(sds)
+            excess = ((values - v).abs() - (sds * sds + s * s).sqrt()).clamp_min(0)
+            excess = torch.where(earlier & torch.isfinite(excess), excess, 0.0).amax(0)
+            return (s * s + excess * excess).sqrt()
+
         return {
             "grad_sq_norm": pick(g2), "trace_cov": pick(tr), "b_simple": pick(b),
-            "grad_sq_norm_stderr": pick(v_g2).clamp_min(0).sqrt(), "trace_cov_stderr": pick(v_tr).clamp_min(0).sqrt(),
-            "b_simple_stderr": sd_total, "window": windows[chosen],
+            "grad_sq_norm_stderr": stderr(g2, v_g2.clamp_min(0).sqrt()),
+            "trace_cov_stderr": stderr(tr, v_tr.clamp_min(0).sqrt()),
+            "b_simple_stderr": stderr(b, sd_b), "window": windows[chosen],
             "trend": chosen < len(self.windows),
         }
 
@@ -421,6 +422,10 @@ def check_loss_scale(loss_scale) -> float:
 class _Accumulation:
     """The micro-batches of the step being accumulated (host bookkeeping + device sums)."""
 
+    @property
+    def count(self) -> int:
+        return len(self.loss_scales)
+
     def __deepcopy__(self, memo):
         # A deep copy of the model copies each .grad: point the copy at its own gradients, so
         # the copied optimizer goes on with the same accumulation.
@@ -445,7 +450,6 @@ class _Accumulation:
         return state
 
     def __init__(self):
-        self.count = 0
         self.loss_scales: list[float] = []
         self.batch_sizes: list[int | None] = []
         self.small_pt: Tensor | None = None  # Σ over micro-batches of |g_i|² / c_i², per tensor
@@ -453,6 +457,7 @@ class _Accumulation:
         # a freed .grad's id is often reused by the next backward's new tensor.
         self.seen: dict[int, tuple[weakref.ref, int]] = {}
         self.amp_divisor: Tensor | None = None  # of the last call: the big norm is taken then
+        self.default_total: int | None = None  # the optimizer's batch size at the last call
 
 
 class StatisticsTracker:
@@ -533,8 +538,9 @@ class StatisticsTracker:
     def accumulate(self, params_by_bucket, accumulate_op, *, batch_size, loss_scale, grad_scaler, default_total):
         """Record the micro-batch gradient the last backward added into ``.grad``.
 
-        ``params_by_bucket``: lists of same-device, same-dtype parameters; ``accumulate_op``
-        the op for a bucket's device. Validates everything, then writes.
+        ``params_by_bucket``: lists of same-device, same-dtype parameters; ``accumulate_op``:
+        the op (dispatched or pure torch). ``default_total``: the batch size the micro-batches
+        share when their sizes are not given. Validates everything, then writes.
         """
         if self._pending is not None:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
@@ -582,7 +588,7 @@ class StatisticsTracker:
                     if snap is None or snap.shape != p.shape or snap.dtype != p.grad.dtype or snap.device != p.device:
                         snap = self.snapshots[i] = torch.empty_like(p.grad, memory_format=torch.contiguous_format)
                     snaps.append(_dense_real(snap))
-                norms.append(accumulate_op(part[0].device)(snaps, [_dense_real(p.grad) for p in part], first=first))
+                norms.append(accumulate_op(snaps, [_dense_real(p.grad) for p in part], first=first))
                 positions += [self.index[p] for p in part]
         sq_pt, _ = self.per_tensor(norms, positions)
         sq_pt = sq_pt.double()
@@ -590,15 +596,15 @@ class StatisticsTracker:
             sq_pt = sq_pt * divisor
         sq_pt = sq_pt / loss_scale**2
         acc.small_pt = sq_pt if acc.small_pt is None else acc.small_pt + sq_pt
-        acc.count += 1
         acc.loss_scales.append(loss_scale)
         acc.batch_sizes.append(batch_size)
         acc.amp_divisor = divisor
+        acc.default_total = default_total  # as it was while the micro-batches were taken
         for p in params:
             _remember_grad(acc.seen, self.index[p], p.grad)
         self._accumulation = acc
 
-    def _finish_accumulation(self, default_total) -> Measurement | None:
+    def _finish_accumulation(self) -> Measurement | None:
         """The accumulated micro-batches as one measurement; the big-batch norm is that of the
         raw accumulated gradient, read from the snapshots (never from a clipped .grad)."""
         acc = self._accumulation
@@ -607,7 +613,7 @@ class StatisticsTracker:
         k = acc.count
         sizes = acc.batch_sizes
         if sizes[0] is None:
-            sizes = [default_total / k] * k
+            sizes = [acc.default_total / k] * k
         c = acc.loss_scales
         total_c = sum(c)
         # .grad = Σ c_i·G_i, an unbiased gradient of variance tr(Σ)·Σc_i²/b_i / (Σc_i)².
@@ -626,21 +632,17 @@ class StatisticsTracker:
         )
 
     # ----------------------------------------------------------------- the step
-    def on_step(self, last_norms: Tensor, skip: Tensor | None, default_total) -> None:
+    def on_step(self, last_norms: Tensor, skip: Tensor | None) -> None:
         """After the optimizer step: keep the stepped gradient's norms and fold this step's
         measurement into the estimator (skipped on an AMP overflow, on the device)."""
         self.last_norms = last_norms
-        m = self._pending if self._pending is not None else self._finish_accumulation(default_total)
+        m = self._pending if self._pending is not None else self._finish_accumulation()
         self.reset()
         if m is None or self.estimator is None:
             return
         self.estimator.update(m, skip)
         if m.examples is not None:
             self.last_examples = m.examples
-
-    # ----------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict | None:
-        return None if self.estimator is None else self.estimator.state_dict()
 
 
 # Host bookkeeping of which .grad tensors an accumulation has seen, kept out of torch.compile:

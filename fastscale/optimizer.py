@@ -43,6 +43,14 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _check_dtypes(p: Tensor) -> None:
+    if p.dtype not in _REAL + _COMPLEX or p.grad.dtype != p.dtype:
+        raise TypeError(
+            f"FusedScaledSGD steps parameters of dtype {[str(d) for d in _REAL + _COMPLEX]} with gradients "
+            f"of the same dtype; got parameter {p.dtype}, gradient {p.grad.dtype}"
+        )
+
+
 def _check_sgd_options(group: dict) -> None:
     """torch.optim.SGD's checks, with torch's messages, plus type checks torch leaves out."""
     lr = group["lr"]
@@ -187,7 +195,10 @@ class FusedScaledSGD(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
-        # Validate a copy (torch's checks, then ours) and commit only when all pass.
+        # Validate a copy (torch's checks, then ours) and commit only when all pass. A generator
+        # of parameters is read once, here, so a retry after an error finds them all.
+        if not isinstance(param_group.get("params"), (Tensor, set, list, tuple, type(None))):
+            param_group["params"] = list(param_group["params"])
         probe = dict(param_group)
         if "batch_size" in probe and "base_batch_size" not in probe:
             probe["base_batch_size"] = self.defaults["base_batch_size"] or probe["batch_size"]
@@ -276,11 +287,7 @@ class FusedScaledSGD(Optimizer):
             params = list({id(p): p for p in params}.values())
         grads = [p.grad for p in params]
         for p, g in zip(params, grads):
-            if p.dtype not in _REAL + _COMPLEX or g.dtype != p.dtype:
-                raise TypeError(
-                    f"FusedScaledSGD steps parameters of dtype {[str(d) for d in _REAL + _COMPLEX]} with gradients "
-                    f"of the same dtype; got parameter {p.dtype}, gradient {g.dtype}"
-                )
+            _check_dtypes(p)
             if g.is_sparse and (group["fused"] or group["differentiable"]):
                 raise RuntimeError("sparse gradients need fused=None or False and differentiable=False")
         check_sparse(grads, group["weight_decay"])
@@ -291,12 +298,32 @@ class FusedScaledSGD(Optimizer):
             for device_type in {p.device.type for p in params}:
                 ops.check_native(device_type, required=True)
         bufs = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
+        # A module moved or cast after buffers were made (.double(), .to(device)): as torch's
+        # SGD goes on, the buffer follows its parameter (stored back only once the step is done).
+        bufs = [b if b is None or b.is_sparse or (b.dtype == p.dtype and b.device == p.device)
+                else b.to(device=p.device, dtype=p.dtype) for p, b in zip(params, bufs)]
         return params, grads, bufs
+
+    def _check_params(self) -> None:
+        """Parameters appended to a group's list by hand (as when unfreezing layers) join the
+        statistics; any other change of the parameter lists is refused before anything is written."""
+        params = self._all_params()
+        known = self.statistics.params
+        if len(params) == len(known) and all(a is b for a, b in zip(params, known)):
+            return
+        if len(params) < len(known) or any(a is not b for a, b in zip(params, known)):
+            raise ValueError(
+                "the optimizer's parameters were removed from or reordered within param_groups by hand; "
+                "build a new optimizer (or load a state dict into one) for another set of parameters"
+            )
+        self.statistics = self.statistics.with_params(params)
+        self._caches()
 
     @_use_grad_for_differentiable
     def step(self, closure=None):
         """Perform a single optimization step (closure: as torch.optim.SGD)."""
         self._check_groups()
+        self._check_params()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -332,7 +359,7 @@ class FusedScaledSGD(Optimizer):
                     if b is not None:
                         self.state[p]["momentum_buffer"] = b
         last, _ = self.statistics.per_tensor(norms, positions)
-        self.statistics.on_step(last, found_inf, default_total=self.param_groups[0]["batch_size"])
+        self.statistics.on_step(last, found_inf)
         if found_inf is None:
             self._step_count.add_(1)
         else:
@@ -347,13 +374,12 @@ class FusedScaledSGD(Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise TypeError("accumulate_grad does not support sparse gradients")
-            if p.dtype not in _REAL + _COMPLEX or p.grad.dtype != p.dtype:
-                raise TypeError(f"accumulate_grad: unsupported parameter/gradient dtypes {p.dtype}/{p.grad.dtype}")
+            _check_dtypes(p)
             key = (p.device, p.dtype)
             buckets.setdefault(key, []).append(p)
         return list(buckets.values())
 
-    def _accumulate_op(self, device: torch.device):
+    def _accumulate_op(self):
         d = self.defaults
         return ops.accumulate_grad_ if d["fused"] is not False and d["foreach"] is None else ops.pure_torch.accumulate_grad_
 
@@ -385,9 +411,12 @@ class FusedScaledSGD(Optimizer):
         batch_size = lr_scaling.check_batch_size("batch_size", batch_size)
         loss_scale = check_loss_scale(loss_scale)
         check_grad_scaler(grad_scaler)
+        self._check_params()
         buckets = self._buckets_for_accumulation()
+        if self.statistics.estimator is None:
+            return  # nothing would use the measurement: no pass, no snapshots
         self.statistics.accumulate(
-            buckets, self._accumulate_op, batch_size=batch_size, loss_scale=loss_scale,
+            buckets, self._accumulate_op(), batch_size=batch_size, loss_scale=loss_scale,
             grad_scaler=grad_scaler, default_total=self.param_groups[0]["batch_size"],
         )
 

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+from conftest import step_both
 from fastscale import FusedScaledSGD, NoiseScaleConfig
 
 
@@ -244,3 +245,89 @@ def test_observe_without_estimator_and_noise_scale_without_statistics():
     with pytest.raises(RuntimeError, match="noise_scale\\(\\) needs the optimizer built with noise_scale=True"):
         opt.noise_scale()
     assert "grad_sq_norm" not in opt.gradient_stats()
+
+
+def test_parameters_appended_by_hand_are_stepped_and_measured(impl):
+    """Unfreezing a layer by appending to a group's params, as torch's SGD allows: the step
+    goes on like torch's and the new tensor joins the statistics; removing one is refused
+    before anything is written."""
+    torch.manual_seed(8)
+    a, c = torch.randn(4, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64, requires_grad=True)
+    a2, c2 = a.detach().clone().requires_grad_(True), c.detach().clone().requires_grad_(True)
+    opt = FusedScaledSGD([a], lr=0.1, momentum=0.9, noise_scale=True, **impl)
+    ref = torch.optim.SGD([a2], lr=0.1, momentum=0.9, foreach=False)
+    step_both(ref, [a2], opt, [a], 2)
+    opt.param_groups[0]["params"].append(c)
+    ref.param_groups[0]["params"].append(c2)
+    step_both(ref, [a2, c2], opt, [a, c], 3)
+    torch.testing.assert_close(a, a2, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(c, c2, rtol=1e-14, atol=1e-15)
+    assert len(opt.gradient_stats()["last_grad_sq_norm_per_tensor"]) == 2
+    opt.param_groups[0]["params"].pop(0)
+    before = ([a.detach().clone(), c.detach().clone()], repr(opt.gradient_stats()))
+    with pytest.raises(ValueError, match="removed from or reordered within param_groups by hand"):
+        opt.step()
+    assert torch.equal(before[0][0], a) and torch.equal(before[0][1], c)
+    assert before[1] == repr(opt.gradient_stats())
+
+
+def test_module_cast_after_buffers_were_made_steps_like_torch(impl):
+    """model.double() after the first step: torch's SGD goes on; so does this, its buffers
+    following their parameters, and a failure later in the step changes nothing."""
+    torch.manual_seed(9)
+    model = torch.nn.Linear(3, 2)
+    twin = copy.deepcopy(model)
+    opt = FusedScaledSGD(model.parameters(), lr=0.1, momentum=0.9, **impl)
+    ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    step_both(ref, list(twin.parameters()), opt, list(model.parameters()), 1)
+    model.double()
+    twin.double()
+    step_both(ref, list(twin.parameters()), opt, list(model.parameters()), 3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert p.dtype == torch.float64 and opt.state[p]["momentum_buffer"].dtype == torch.float64
+        torch.testing.assert_close(p, q)
+
+
+def test_batch_size_changed_between_micro_batches_and_step(impl):
+    """The micro-batches' shares come from the batch size while they were taken: setting
+    the group batch size to None before step() neither fails after writing nor changes them."""
+    params, opt = build(**impl)
+    twin_params, twin = build(**impl)
+    for ps, o, edit in ((params, opt, True), (twin_params, twin, False)):
+        train(ps, o, 2)
+        o.zero_grad()
+        set_grads(ps)
+        o.accumulate_grad(loss_scale=0.5)
+        with torch.no_grad():
+            for p in ps:
+                p.grad.add_(1.0)
+        o.accumulate_grad(loss_scale=0.5)
+        if edit:
+            o.param_groups[0]["batch_size"] = None
+            o.param_groups[0]["warmup_steps"] = 0
+            twin.param_groups[0]["warmup_steps"] = 0
+            twin.param_groups[0]["base_batch_size"] = None
+        o.step()
+    assert opt.gradient_stats()["grad_sq_norm"] == twin.gradient_stats()["grad_sq_norm"]
+    assert opt.gradient_stats()["updates"] == 3
+
+
+def test_add_param_group_from_a_generator_can_be_retried(impl):
+    params, opt = build(**impl)
+    extra = [torch.randn(2, requires_grad=True), torch.randn(5, requires_grad=True)]
+    group = {"params": (t for t in extra), "scaling": "lineer"}
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        opt.add_param_group(group)
+    group["scaling"] = "linear"
+    opt.add_param_group(group)
+    assert opt.param_groups[-1]["params"] == extra
+
+
+def test_accumulate_grad_without_an_estimator_keeps_nothing(impl):
+    p = torch.randn(1000, requires_grad=True)
+    opt = FusedScaledSGD([p], lr=0.1, **impl)
+    p.grad = torch.randn(1000)
+    opt.accumulate_grad(batch_size=4)
+    assert opt.statistics.snapshots == [None] and opt.statistics._accumulation is None
+    with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
+        opt.accumulate_grad(loss_scale=-1.0)  # still checks its input
