@@ -71,7 +71,7 @@ MUTANTS = [
      "        return torch.where(self._ready(est, total) & False, est[\"b_simple\"], fallback)",
      ["tests/test_scaling.py::test_noise_rule_follows_the_live_estimate_once_warmed_up"]),
     ("step: group options not validated before the first write", "fastscale/optimizer.py",
-     "        self._check_groups()\n        loss = None", "        loss = None",
+     "        self._check_groups()\n        self._check_params()", "        self._check_params()",
      ["tests/test_all_or_nothing.py::test_step_validates_hand_edited_group_options_first"]),
 ]
 
