@@ -14,10 +14,12 @@ import os
 import shutil
 import signal
 import tempfile
+import textwrap
 import threading
 from pathlib import Path
 
 from .measure import online_estimate, point_name
+from .train import smoothed
 from .tasks import StudyError
 
 MARKER = ".fastscale-study"  # a report folder this command may replace whole
@@ -559,7 +561,7 @@ def _log_axis(axis) -> None:
 
 
 def _tidy_log_axes(fig) -> None:
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
@@ -572,10 +574,12 @@ def _tidy_log_axes(fig) -> None:
             subs = (1, 2, 5) if decades <= 2.2 else (1, 3) if decades <= 3.5 else (1,)
             ticks = [m * 10**e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
                      for m in subs if lo <= m * 10**e <= hi]
+            if len(ticks) < 3 and decades < 1:  # a narrow range: evenly spaced round numbers instead
+                ticks = [t for t in MaxNLocator(4).tick_values(lo, hi) if lo <= t <= hi and t > 0]
             if len(ticks) < 2:
                 continue
             axis.set_major_locator(FixedLocator(ticks))
-            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1000 else f"{v:g}"))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"))
             axis.set_minor_formatter(NullFormatter())
 
 
@@ -787,8 +791,10 @@ def _critical_plots(name: str, res: dict, out: Path) -> list[str]:
             run = rung["runs"][j][0]
             x = [s * rung["batch_size"] for s in run["curve"]["steps"]]
             reached = rung.get("best") is not None
-            ax.plot(x[1:], run["curve"]["loss"][1:], color=cmap(bnorm(rung["batch_size"])),
-                    lw=1.3 if reached else 0.8, ls="-" if reached else "--")
+            colour = cmap(bnorm(rung["batch_size"]))
+            ax.plot(x[1:], run["curve"]["loss"][1:], color=colour, lw=0.6, alpha=0.25)
+            ax.plot(x[1:], smoothed(run["curve"]["loss"])[1:], color=colour, lw=1.4 if reached else 0.9,
+                    ls="-" if reached else "--")
         ax.axhline(top, color="0.5", ls=":", lw=0.9)
         if pt.get("target"):
             ax.axhline(pt["target"], color="k", ls="--", lw=0.9)
@@ -796,17 +802,18 @@ def _critical_plots(name: str, res: dict, out: Path) -> list[str]:
         ax.set(xscale="log", xlabel="examples since the branch")
         _log_axis(ax.xaxis)
         if i == 0:
-            ax.set_ylabel("held-out loss (best lr, first seed)")
+            ax.set_ylabel("held-out loss, smoothed (faint: raw)")
     right = 1 - 1.2 / width
     cax = fig.add_axes([right + 0.015, 0.2, 0.012, 0.6])
     cb = fig.colorbar(plt.cm.ScalarMappable(norm=bnorm, cmap=cmap), cax=cax)
     cb.set_label(f"batch size{unit}", fontsize=8)
     cb.set_ticks(ladder, labels=[str(b) for b in ladder])
     cb.minorticks_off()
-    fig.suptitle(f"{name}: each branch at its best lr, from the branch point's loss (dotted) to the target (dashed); "
-                 "a dashed curve never reached it.\nCurves on top of each other: perfect scaling (the same examples "
-                 "at any batch size)", fontsize=9.5)
-    fig.subplots_adjust(left=0.6 / width * 1.1, right=right, bottom=0.16, top=0.78, wspace=0.22)
+    title = (f"{name}: each batch size's branch (best lr, first seed) from the branch point's loss (dotted) to the "
+             "target (dashed); a dashed curve never reached it. Smoothed as judged (centred mean over 5 evaluations). "
+             "Curves on top of each other: perfect scaling (the same examples at any batch size).")
+    fig.suptitle(textwrap.fill(title, int(width * 11.5)), fontsize=9.5)
+    fig.subplots_adjust(left=0.85 / width, right=right, bottom=0.16, top=0.74, wspace=0.22)
     _save(fig, out, f"{name}_branches.png", files)
     return files
 
