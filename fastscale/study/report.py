@@ -253,7 +253,8 @@ def verdict_line(name: str, res: dict) -> str:
         if not c:
             continue
         if c["ratio"] is not None:
-            bits.append(f"{_fmt(c['ratio'], 2)}× {point_name(i, n)}")
+            bits.append(f"{_fmt(c['ratio'], 2)}× {point_name(i, n)}"
+                        + (" (estimate not ready)" if pt["online"].get("ready") is False else ""))
         elif c.get("ratio_bound") is not None:
             bits.append(f"< {_fmt(c['ratio_bound'], 2)}× {point_name(i, n)} (B_crit above the ladder)")
     line = f"{name}: online B_simple / measured B_crit = " + ", ".join(bits)
