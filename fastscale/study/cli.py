@@ -7,7 +7,6 @@ import shlex
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from .tasks import TASKS, StudyError
 

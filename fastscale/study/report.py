@@ -235,7 +235,7 @@ def _evidence_line(res: dict) -> str:
         ci = (pt.get("bootstrap") or {}).get("b_crit")
         parts.append(f"{point_name(i, n)} ({pt['examples']:,} examples in) {_b_crit_text(pt)}"
                      + (f" {_ci(ci, 2)}" if ci else ""))
-    return "measured B_crit " + ", ".join(parts) + f"; the recommended batch size passes the criterion at every point."
+    return "measured B_crit " + ", ".join(parts) + "; the recommended batch size passes the criterion at every point."
 
 
 def verdict_line(name: str, res: dict) -> str:
