@@ -32,6 +32,38 @@ def clone_params(params):
     return [p.detach().clone().requires_grad_(True) for p in params]
 
 
+def launch_ranks(script: str, out, world: int, timeout: float, **env) -> list:
+    """Run ``script --worker OUT`` as ``world`` gloo ranks on 127.0.0.1 and load what each saved
+    (``OUT/rank{r}.pt``); a rank that fails or a launch past ``timeout`` seconds fails the test."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **env)
+    if sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # stay on the loopback interface
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(script), "--worker", str(out)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"DDP workers did not finish in {timeout:g} s")
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
 def step_both(ref_opt, params, opt, ours, steps):
     """``steps`` steps of two optimizers over twin parameters, on the same fresh random grads."""
     for _ in range(steps):

@@ -9,8 +9,6 @@ Run as a script (``--worker OUT``) this file is the per-rank program.
 import datetime
 import math
 import os
-import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -19,6 +17,7 @@ import pytest
 import torch
 
 import fastscale
+from conftest import launch_ranks
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -183,37 +182,9 @@ def _worker(out_dir):
 
 
 # --------------------------------------------------------------------------- launcher
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD),
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    if sys.platform.startswith("linux"):
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # stay on the loopback interface
-    procs = [
-        subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(out)],
-                         env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=JOIN_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"DDP workers did not finish in {JOIN_TIMEOUT_S} s")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return launch_ranks(__file__, tmp_path_factory.mktemp("ddp"), WORLD, JOIN_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- single-process oracle

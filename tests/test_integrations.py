@@ -10,8 +10,6 @@ program. Framework tests skip with one reason when the framework is not installe
 import datetime
 import math
 import os
-import socket
-import subprocess
 import sys
 import warnings
 
@@ -19,6 +17,7 @@ import pytest
 import torch
 
 import fastscale
+from conftest import launch_ranks
 
 DIM, MICRO, STEPS, WORLD = 6, 4, 6, 2
 OPT = dict(lr=0.02, momentum=0.9)
@@ -440,36 +439,11 @@ def _worker(out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # torchelastic's variables: Lightning then joins this launch instead of spawning its own.
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD),
-               LOCAL_WORLD_SIZE=str(WORLD), GROUP_RANK="0", TORCHELASTIC_RUN_ID="fastscale-test",
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    if sys.platform.startswith("linux"):
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(out)],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
-    logs = []
-    try:
-        logs = [p.communicate(timeout=150)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("DDP workers did not finish in 150 s")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return launch_ranks(__file__, tmp_path_factory.mktemp("ddp"), WORLD, 150, LOCAL_WORLD_SIZE=str(WORLD),
+                        GROUP_RANK="0", TORCHELASTIC_RUN_ID="fastscale-test")
 
 
 def test_ddp_step_with_closure_feeds_the_estimator(ranks):
