@@ -20,17 +20,28 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one batch size")
-    bad = [v for v in values if v <= 0]
-    if bad:
-        raise argparse.ArgumentTypeError(f"batch sizes must be > 0, got {bad[0]}")
-    return values
+def _positive_list(kind: type, kinds: str, what: str, requirement: str):
+    """An argparse type: comma-separated values of ``kind``, each finite and > 0."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kinds}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {what}")
+        bad = [v for v in values if not 0 < v < float("inf")]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{requirement}, got {bad[0]}")
+        return values
+    return parse
+
+
+_positive_ints = _positive_list(int, "integers", "batch size", "batch sizes must be > 0")
+_factors = _positive_list(float, "numbers", "number", "factors must be finite numbers > 0")
+
+
+def _positive_floats(text: str) -> list[float]:
+    return sorted(set(_factors(text)))
 
 
 def _number(kind: type, valid, requirement: str):
@@ -55,18 +66,6 @@ _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a finite numbe
 _momentum = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 _seed = _number(int, lambda v: 0 <= v < 2**40, "an integer in [0, 2**40)")
 
-
-def _positive_floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    bad = [v for v in values if not 0 < v < float("inf")]
-    if bad:
-        raise argparse.ArgumentTypeError(f"factors must be finite numbers > 0, got {bad[0]}")
-    return sorted(set(values))
 
 
 def _parts(text: str) -> list[str]:
