@@ -73,6 +73,7 @@ def fused_scaled_sgd(
         first = momentum != 0 and momentum_buffer_list[i] is None
         buckets.setdefault((p.device, p.dtype, first), []).append(i)
     norms, order = [], []
+    skipped = None  # whether an AMP overflow skips this step: read on the host once, if needed
     for (dev, dtype, first), idx in buckets.items():
         on_dev = lambda t: None if t is None else t.to(dev, non_blocking=True)  # noqa: E731
         if momentum == 0:
@@ -94,7 +95,9 @@ def fused_scaled_sgd(
         order += idx
         # A step skipped for an AMP overflow leaves no buffer behind (torch's fused SGD keeps
         # uninitialised ones); only a buffer-creating step reads the flag on the host.
-        if first and not (found_inf is not None and bool(found_inf.item())):
+        if first and skipped is None:
+            skipped = found_inf is not None and bool(found_inf.item())
+        if first and not skipped:
             for i, b in zip(idx, bufs):
                 momentum_buffer_list[i] = b
     for i in sparse:

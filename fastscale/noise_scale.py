@@ -485,6 +485,7 @@ class StatisticsTracker:
         self._pending: Measurement | None = None
         self._accumulation: _Accumulation | None = None
         self._all_present = torch.ones(len(self.params), dtype=torch.bool, device=device)
+        self._indices: dict[tuple, Tensor] = {}  # positions -> their index tensor, made once
 
     # ----------------------------------------------------------------- structure
     def with_params(self, params: list[Tensor]) -> "StatisticsTracker":
@@ -507,7 +508,10 @@ class StatisticsTracker:
         vec = torch.zeros(n, dtype=torch.float32, device=self.device)
         present = torch.zeros(n, dtype=torch.bool, device=self.device)
         if positions:
-            idx = torch.tensor(positions, dtype=torch.long, device=self.device)
+            key = tuple(positions)
+            idx = self._indices.get(key)
+            if idx is None:  # a host-to-device copy: once per set of positions, not every step
+                idx = self._indices[key] = torch.tensor(positions, dtype=torch.long, device=self.device)
             vec.index_copy_(0, idx, torch.cat([t.to(self.device, torch.float32) for t in norms]))
             present.index_fill_(0, idx, True)
         return vec, present
