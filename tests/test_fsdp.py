@@ -1,0 +1,388 @@
+"""DTensor parameters (FSDP2 fully_shard, tensor parallelism, HSDP), 2 gloo processes on CPU.
+
+One launch of two ranks runs every scenario and saves what it saw (parameters, momentum buffers
+and statistics gathered whole); the tests compare that with single-process training on the same
+global batches. FSDP2 averages gradients over the ranks, so .grad is the global batch's gradient
+shard: the unsharded oracle trains on the whole batch. Run as a script (``--worker OUT``) this
+file is the per-rank program.
+"""
+
+import contextlib
+import datetime
+import math
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastscale
+from conftest import launch_ranks
+
+WORLD = 2
+LOCAL = 8  # examples per rank per step (FSDP2); TP ranks each take all WORLD × LOCAL
+BATCH = WORLD * LOCAL
+MICRO = 2  # micro-batches per step in the accumulation scenarios
+STEPS = 4
+DIM, HIDDEN, MID, OUT = 6, 16, 7, 4  # MID odd: uneven FSDP2 shards (TP needs even activations)
+NOISE = dict(beta=0.5, min_updates=1, per_tensor=True)
+# Every option the update has: momentum, nesterov, weight decay, batch-size scaling, warmup.
+OPT = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, batch_size=BATCH, base_batch_size=LOCAL,
+           warmup_steps=2)
+JOIN_TIMEOUT_S = 120
+PG_TIMEOUT_S = 30
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        torch.nn.Linear(DIM, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, MID), torch.nn.Tanh(),
+        torch.nn.Linear(MID, OUT),
+    )
+
+
+def make_data():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(STEPS, BATCH, DIM, generator=g)
+    y = torch.randn(STEPS, BATCH, OUT, generator=g) + x[..., :OUT]
+    return x, y
+
+
+def make_optimizer(params, **kw):
+    return fastscale.FusedScaledSGD(params, **OPT, noise_scale=fastscale.NoiseScaleConfig(**NOISE), **kw)
+
+
+def loss_fn(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)  # mean over the examples
+
+
+def micro_rows(rank, i):
+    """Rows of global micro-batch i held by ``rank``: micro-batch i is the union over ranks."""
+    start = rank * LOCAL + i * (LOCAL // MICRO)
+    return slice(start, start + LOCAL // MICRO)
+
+
+# --------------------------------------------------------------------------- per-rank program
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
+
+
+@contextlib.contextmanager
+def host_reads_forbidden():
+    """On the CPU no read is a sync; making every host read of a tensor raise during the step is
+    how tests/test_no_sync.py checks that the same path would not synchronise on a device."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def boom(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name}() read a tensor on the host during the step")
+        return method
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, boom(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _whole(t):
+    from fastscale.sharded import is_dtensor
+
+    return (t.full_tensor() if is_dtensor(t) else t).detach().clone()
+
+
+def _result(model, opt):
+    params = list(model.parameters())
+    return {
+        "params": [_whole(p) for p in params],
+        "bufs": [_whole(opt.state[p]["momentum_buffer"]) for p in params],
+        "stats": opt.gradient_stats(),
+        "placements": [tuple(repr(pl) for pl in p.placements) for p in params],
+    }
+
+
+def _fsdp_model(mesh=None):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _train_fsdp_per_example(rank, mesh=None, no_sync=False):
+    """Per-example norms (B_small = 1). With ``no_sync``: two micro-batches, the first under
+    set_requires_gradient_sync(False); their per-example norms together are the step's."""
+    x, y = make_data()
+    model = _fsdp_model(mesh)
+    opt = make_optimizer(model.parameters())
+    norms = fastscale.PerExampleGradNorms(model)
+    rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
+    for step in range(STEPS):
+        opt.zero_grad()
+        if no_sync:
+            sq = []
+            for i in range(MICRO):
+                model.set_requires_gradient_sync(i == MICRO - 1)
+                r = micro_rows(rank, i)
+                (loss_fn(model, x[step, r], y[step, r]) / MICRO).backward()
+                sq.append(norms.squared_norms() * MICRO**2)  # the 1/k on the loss, squared, divided out
+            sq = torch.cat(sq)
+        else:
+            loss_fn(model, x[step, rows], y[step, rows]).backward()
+            sq = norms.squared_norms()
+        with host_reads_forbidden():
+            opt.observe_per_example_norms(sq)
+            opt.step()
+    norms.detach()
+    return _result(model, opt)
+
+
+def _train_accumulate(rank, model, rows_of, amp=False):
+    """MICRO micro-batches, gradients synchronised after each (FSDP2's default): accumulate_grad
+    sees each global micro-batch's gradient shard (B_small = global micro-batch)."""
+    x, y = make_data()
+    opt = make_optimizer(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if amp else None
+    for step in range(STEPS):
+        opt.zero_grad()
+        for i in range(MICRO):
+            r = rows_of(rank, i)
+            loss = loss_fn(model, x[step, r], y[step, r]) / MICRO
+            (scaler.scale(loss) if amp else loss).backward()
+            with host_reads_forbidden() if step else contextlib.nullcontext():
+                opt.accumulate_grad(loss_scale=1 / MICRO, grad_scaler=scaler)
+        if amp:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            with host_reads_forbidden() if step else contextlib.nullcontext():
+                opt.step()
+    return _result(model, opt)
+
+
+def _tp_model():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+    # Colwise then rowwise (its bias replicated), then colwise again gathered to a replicated output.
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": ColwiseParallel(output_layouts=Replicate())}
+    return parallelize_module(make_model(), mesh, plan)
+
+
+def _tp_rows(rank, i):
+    """Every TP rank sees the whole global micro-batch i (the union of the FSDP ranks' rows)."""
+    return [j for r in range(WORLD) for j in range(BATCH)[micro_rows(r, i)]]
+
+
+def _expect_error(fn):
+    try:
+        fn()
+    except (TypeError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _snapshot(model, opt):
+    return ([p.detach().to_local().clone() for p in model.parameters()],
+            [b.to_local().clone() for b in (opt.state[p].get("momentum_buffer") for p in model.parameters())
+             if b is not None],
+            opt._step_count.clone(), len(opt.param_groups), opt.statistics, opt.statistics.pending)
+
+
+def _unchanged(before, after):
+    (p0, b0, s0, n0, t0, q0), (p1, b1, s1, n1, t1, q1) = before, after
+    return (all(torch.equal(a, b) for a, b in zip(p0, p1)) and len(b0) == len(b1)
+            and all(torch.equal(a, b) for a, b in zip(b0, b1))
+            and torch.equal(s0, s1) and n0 == n1 and t0 is t1 and q0 == q1)
+
+
+def _bad_input(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    out = {}
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("dp",))
+    other = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+    torch.manual_seed(3)
+    a = torch.nn.Parameter(distribute_tensor(torch.randn(5, 3), mesh, [Shard(0)]))
+    b = torch.nn.Parameter(distribute_tensor(torch.randn(4), other, [Shard(0)]))
+    plain = torch.nn.Parameter(torch.randn(3))
+    out["mixed"] = _expect_error(lambda: make_optimizer([a, plain]))
+    out["two_meshes_one_group"] = _expect_error(lambda: make_optimizer([a, b]))
+
+    # A trained FSDP2 model: an error must leave params, buffers, counters, statistics as they were.
+    x, y = make_data()
+    model = _fsdp_model()
+    opt = make_optimizer(model.parameters())
+    rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
+    for step in range(2):
+        opt.zero_grad()
+        loss_fn(model, x[step, rows], y[step, rows]).backward()
+        opt.step()
+    loss_fn(model, x[2, rows], y[2, rows]).backward()
+
+    before = _snapshot(model, opt)
+    out["add_group_other_mesh"] = _expect_error(lambda: opt.add_param_group({"params": [b]}))
+    out["add_group_other_mesh_unchanged"] = _unchanged(before, _snapshot(model, opt))
+    out["add_group_plain"] = _expect_error(lambda: opt.add_param_group({"params": [plain]}))
+    out["add_group_plain_unchanged"] = _unchanged(before, _snapshot(model, opt))
+
+    opt.param_groups[0]["batch_size"] = BATCH - 1  # 15 examples cannot split over 2 ranks
+    out["batch_not_divisible"] = _expect_error(lambda: opt.observe_per_example_norms(torch.rand(LOCAL) + 0.5))
+    out["batch_not_divisible_unchanged"] = _unchanged(before, _snapshot(model, opt))
+    opt.param_groups[0]["batch_size"] = BATCH + 2
+    out["batch_mismatch"] = _expect_error(lambda: opt.observe_per_example_norms(torch.rand(LOCAL) + 0.5))
+    opt.param_groups[0]["batch_size"] = BATCH
+
+    # The last parameter's gradient replicated while the parameter is sharded: refused before any write.
+    params = list(model.parameters())
+    good = params[-1].grad
+    params[-1].grad = distribute_tensor(torch.randn(params[-1].shape), params[-1].device_mesh, [Replicate()])
+    out["grad_layout"] = _expect_error(opt.step)
+    out["grad_layout_unchanged"] = _unchanged(before, _snapshot(model, opt))
+    params[-1].grad = good
+
+    tp = _tp_model()
+    tp_opt = make_optimizer(tp.parameters())
+    loss_fn(tp, x[0], y[0]).backward()
+    out["per_example_tp"] = _expect_error(lambda: tp_opt.observe_per_example_norms(torch.rand(BATCH) + 0.5))
+    return out
+
+
+def _worker(out_dir):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    rank = dist.get_rank()
+    results = {
+        "fsdp_per_example": _train_fsdp_per_example(rank),
+        "fsdp_no_sync_per_example": _train_fsdp_per_example(rank, no_sync=True),
+        "fsdp_accumulate": _train_accumulate(rank, _fsdp_model(), micro_rows),
+        "fsdp_accumulate_amp": _train_accumulate(rank, _fsdp_model(), micro_rows, amp=True),
+        "tp_accumulate": _train_accumulate(rank, _tp_model(), _tp_rows),
+        # HSDP: replicated over 2 ranks, sharded over 1: every tensor counted once, not twice.
+        "hsdp_per_example": _train_fsdp_per_example(
+            rank, mesh=init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp_replicate", "dp_shard"))),
+        "bad_input": _bad_input(rank),
+    }
+    dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+# --------------------------------------------------------------------------- launcher
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return launch_ranks(__file__, tmp_path_factory.mktemp("fsdp"), WORLD, JOIN_TIMEOUT_S)
+
+
+# --------------------------------------------------------------------------- single-process oracle
+def _single_process(source):
+    """The same training on the unsharded model in one process, on the whole global batches."""
+    x, y = make_data()
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = make_optimizer(model.parameters())
+        norms = fastscale.PerExampleGradNorms(model) if source == "per_example" else None
+        for step in range(STEPS):
+            opt.zero_grad()
+            if source == "per_example":
+                loss_fn(model, x[step], y[step]).backward()
+                opt.observe_per_example_norms(norms.squared_norms())
+            else:
+                for i in range(MICRO):
+                    r = _tp_rows(0, i)
+                    (loss_fn(model, x[step, r], y[step, r]) / MICRO).backward()
+                    opt.accumulate_grad(loss_scale=1 / MICRO)
+            opt.step()
+        return {"params": [p.detach().clone() for p in model.parameters()],
+                "bufs": [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()],
+                "stats": opt.gradient_stats()}
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    return {source: _single_process(source) for source in ("per_example", "accumulate")}
+
+
+# scenario -> the oracle it must equal
+SCENARIOS = {
+    "fsdp_per_example": "per_example",
+    "fsdp_no_sync_per_example": "per_example",
+    "hsdp_per_example": "per_example",
+    "fsdp_accumulate": "accumulate",
+    "fsdp_accumulate_amp": "accumulate",
+    "tp_accumulate": "accumulate",
+}
+STAT_KEYS = ("grad_sq_norm", "trace_cov", "b_simple", "last_grad_sq_norm")
+PER_TENSOR_KEYS = ("grad_sq_norm_per_tensor", "trace_cov_per_tensor", "b_simple_per_tensor",
+                   "last_grad_sq_norm_per_tensor")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_parameters_and_buffers_match_single_process(ranks, single_process, scenario):
+    want = single_process[SCENARIOS[scenario]]
+    for rank in range(WORLD):
+        got = ranks[rank][scenario]
+        for key in ("params", "bufs"):
+            for g, w in zip(got[key], want[key], strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_statistics_match_single_process(ranks, single_process, scenario):
+    want = single_process[SCENARIOS[scenario]]["stats"]
+    assert want["updates"] == STEPS and want["trace_cov"] > 0  # the oracle sees noise: a real comparison
+    for rank in range(WORLD):
+        got = ranks[rank][scenario]["stats"]
+        assert got["updates"] == STEPS
+        for key in STAT_KEYS + PER_TENSOR_KEYS:
+            # Per-example norms have no per-tensor split: their per-tensor estimates are NaN.
+            assert got[key] == pytest.approx(want[key], rel=1e-5, nan_ok=True), key
+    if SCENARIOS[scenario] == "accumulate":
+        assert all(math.isfinite(v) for key in PER_TENSOR_KEYS for v in want[key])
+
+
+def test_layouts_are_the_sharded_ones(ranks):
+    # Guards the comparisons above: the parameters really were DTensors laid out as intended.
+    got = ranks[0]
+    assert all(pl == ("Shard(dim=0)",) for pl in got["fsdp_per_example"]["placements"])
+    assert all(pl == ("Replicate()", "Shard(dim=0)") for pl in got["hsdp_per_example"]["placements"])
+    tp = got["tp_accumulate"]["placements"]
+    assert tp[0] == ("Shard(dim=0)",) and tp[2] == ("Shard(dim=1)",) and tp[3] == ("Replicate()",)
+
+
+BAD_INPUT = {
+    "mixed": "TypeError: FusedScaledSGD: parameter 1 is a plain tensor but parameter 0 is a DTensor",
+    "two_meshes_one_group": "ValueError: FusedScaledSGD: parameter 1 is on device mesh",
+    "add_group_other_mesh": "ValueError: FusedScaledSGD: parameter",
+    "add_group_plain": "TypeError: FusedScaledSGD: parameter",
+    "batch_not_divisible": "ValueError: the batch size 15 is not divisible by the 2 data-parallel ranks",
+    "batch_mismatch": "ValueError: 8 examples on each of 2 data-parallel ranks make 16, but the optimizer's "
+                      "batch_size is 18",
+    "grad_layout": "ValueError: the gradient of parameter 5 is a DTensor (Replicate()) on DeviceMesh((2,), 'cpu', "
+                   "stride=(1,)), the parameter is a DTensor (Shard(dim=0))",
+    "per_example_tp": "ValueError: per-example norms on the mesh",
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_raises_a_clear_error(ranks, case):
+    for rank in range(WORLD):
+        got = ranks[rank]["bad_input"]
+        assert got[case] is not None and got[case].startswith(BAD_INPUT[case]), got[case]
+        if case + "_unchanged" in got:
+            assert got[case + "_unchanged"] is True
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker(sys.argv[2])
