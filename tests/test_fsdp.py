@@ -384,5 +384,28 @@ def test_bad_input_raises_a_clear_error(ranks, case):
             assert got[case + "_unchanged"] is True
 
 
+@pytest.mark.parametrize("source", ["per_example", "accumulate"])
+def test_fsdp_example_runs_under_torchrun(source):
+    import re
+    import socket
+    import subprocess
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    if sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={port}", os.path.join(root, "examples", "fsdp_noise_scale.py"), "--source", source,
+         "--steps", "50"],
+        env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    found = re.search(r"step 50: .*B_simple=([0-9.]+) \(global batch 64", run.stdout)
+    assert found and 5 < float(found.group(1)) < 500, run.stdout  # a finite, plausible estimate
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker(sys.argv[2])
