@@ -141,11 +141,11 @@ def _train_fsdp_per_example(rank, mesh=None, no_sync=False):
     return _result(model, opt)
 
 
-def _train_accumulate(rank, model, rows_of, amp=False):
+def _train_accumulate(rank, model, rows_of, amp=False, **kw):
     """MICRO micro-batches, gradients synchronised after each (FSDP2's default): accumulate_grad
     sees each global micro-batch's gradient shard (B_small = global micro-batch)."""
     x, y = make_data()
-    opt = make_optimizer(model.parameters())
+    opt = make_optimizer(model.parameters(), **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if amp else None
     for step in range(STEPS):
         opt.zero_grad()
@@ -214,6 +214,19 @@ def _bad_input(rank):
     b = torch.nn.Parameter(distribute_tensor(torch.randn(4), other, [Shard(0)]))
     plain = torch.nn.Parameter(torch.randn(3))
     out["mixed"] = _expect_error(lambda: make_optimizer([a, plain]))
+
+    # The op layer's rule, called directly: local shards in, local partial norms out.
+    grad = distribute_tensor(torch.randn(5, 3), mesh, [Shard(0)])
+    kw = dict(lr=torch.tensor(0.1), weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False,
+              is_first_step=False)
+    for name, op in (("op", fastscale.ops.fused_sgd_), ("twin", fastscale.ops.pure_torch.fused_sgd_)):
+        p = distribute_tensor(torch.randn(5, 3), mesh, [Shard(0)])
+        want = p.to_local() - 0.1 * grad.to_local()
+        norms = op([p], [grad], [], **kw)
+        out[f"{name}_local"] = (type(norms) is torch.Tensor and torch.allclose(norms, grad.to_local().square().sum())
+                                and torch.allclose(p.to_local(), want))
+        out[f"{name}_mixed"] = _expect_error(lambda: op([p], [grad.full_tensor()], [], **kw))
+        out[f"{name}_layouts"] = _expect_error(lambda: op([p], [grad.redistribute(mesh, [Replicate()])], [], **kw))
     out["two_meshes_one_group"] = _expect_error(lambda: make_optimizer([a, b]))
 
     # A trained FSDP2 model: an error must leave params, buffers, counters, statistics as they were.
@@ -268,6 +281,8 @@ def _worker(out_dir):
         "fsdp_no_sync_per_example": _train_fsdp_per_example(rank, no_sync=True),
         "fsdp_accumulate": _train_accumulate(rank, _fsdp_model(), micro_rows),
         "fsdp_accumulate_amp": _train_accumulate(rank, _fsdp_model(), micro_rows, amp=True),
+        # fused=False: the pure-torch twins, called directly, follow the ops' DTensor rule too.
+        "fsdp_accumulate_twin": _train_accumulate(rank, _fsdp_model(), micro_rows, fused=False),
         "tp_accumulate": _train_accumulate(rank, _tp_model(), _tp_rows),
         # HSDP: replicated over 2 ranks, sharded over 1: every tensor counted once, not twice.
         "hsdp_per_example": _train_fsdp_per_example(
@@ -321,6 +336,7 @@ SCENARIOS = {
     "hsdp_per_example": "per_example",
     "fsdp_accumulate": "accumulate",
     "fsdp_accumulate_amp": "accumulate",
+    "fsdp_accumulate_twin": "accumulate",
     "tp_accumulate": "accumulate",
 }
 STAT_KEYS = ("grad_sq_norm", "trace_cov", "b_simple", "last_grad_sq_norm")
@@ -361,7 +377,18 @@ def test_layouts_are_the_sharded_ones(ranks):
     assert tp[0] == ("Shard(dim=0)",) and tp[2] == ("Shard(dim=1)",) and tp[3] == ("Replicate()",)
 
 
+def test_op_rule_runs_on_local_shards(ranks):
+    for rank in range(WORLD):
+        assert ranks[rank]["bad_input"]["op_local"] is True
+        assert ranks[rank]["bad_input"]["twin_local"] is True
+
+
 BAD_INPUT = {
+    "op_mixed": "TypeError: fastscale ops take all DTensors or no DTensors in their tensor lists; entry 0",
+    "twin_mixed": "TypeError: fastscale ops take all DTensors or no DTensors in their tensor lists; entry 0",
+    "op_layouts": "ValueError: fastscale ops need entry 0 of every list laid out alike, got placements "
+                  "['(Shard(dim=0))', '(Replicate())']",
+    "twin_layouts": "ValueError: fastscale ops need entry 0 of every list laid out alike",
     "mixed": "TypeError: FusedScaledSGD: parameter 1 is a plain tensor but parameter 0 is a DTensor",
     "two_meshes_one_group": "ValueError: FusedScaledSGD: parameter 1 is on device mesh",
     "add_group_other_mesh": "ValueError: FusedScaledSGD: parameter",
