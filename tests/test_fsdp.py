@@ -8,7 +8,6 @@ file is the per-rank program.
 """
 
 import contextlib
-import datetime
 import math
 import os
 import sys
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 import fastscale
-from conftest import launch_ranks
+from conftest import error_of, gloo_rank, launch_ranks
 
 WORLD = 2
 LOCAL = 8  # examples per rank per step (FSDP2); TP ranks each take all WORLD × LOCAL
@@ -181,11 +180,7 @@ def _tp_rows(rank, i):
 
 
 def _expect_error(fn):
-    try:
-        fn()
-    except (TypeError, ValueError) as err:
-        return f"{type(err).__name__}: {err}"
-    return None
+    return error_of(fn, TypeError, ValueError)
 
 
 def _snapshot(model, opt):
@@ -268,15 +263,10 @@ def _bad_input(rank):
     return out
 
 
-def _worker(out_dir):
-    import torch.distributed as dist
+def _scenarios(rank):
     from torch.distributed.device_mesh import init_device_mesh
 
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    rank = dist.get_rank()
-    results = {
+    return {
         "fsdp_per_example": _train_fsdp_per_example(rank),
         "fsdp_no_sync_per_example": _train_fsdp_per_example(rank, no_sync=True),
         "fsdp_accumulate": _train_accumulate(rank, _fsdp_model(), micro_rows),
@@ -289,8 +279,6 @@ def _worker(out_dir):
             rank, mesh=init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp_replicate", "dp_shard"))),
         "bad_input": _bad_input(rank),
     }
-    dist.destroy_process_group()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 # --------------------------------------------------------------------------- launcher
@@ -435,4 +423,4 @@ def test_fsdp_example_runs_under_torchrun(source):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    _worker(sys.argv[2])
+    gloo_rank(sys.argv[2], _scenarios, PG_TIMEOUT_S)
