@@ -185,8 +185,7 @@ class ShardLayout:
     def sum_over_shards(self, last_norms: Tensor, m):
         """The step's one collective: the last step's per-tensor norms and the measurement's local
         figures, summed over the shards (replicas counted once) and averaged over data-parallel
-        ranks where they are per-example; issued async and waited on (NCCL: a stream wait, no host
-        sync). Returns (last_norms, measurement) as whole-tensor figures."""
+        ranks where they are per-example. Returns (last_norms, measurement) as whole-tensor figures."""
         n = last_norms.numel()
         w = self.weights
         parts = [last_norms.double() * w]
@@ -200,7 +199,9 @@ class ShardLayout:
             if m.small_pt is not None and "small_pt" not in local_pt:
                 parts.append(m.small_pt.double() * scale)
         vec = torch.cat(parts)
-        dist.all_reduce(vec, group=self.group, async_op=True).wait()
+        # async_op=False: on NCCL the current stream waits for it (no host sync), and dynamo traces
+        # it as a functional collective (async_op=True and Work.wait() break the graph).
+        dist.all_reduce(vec, group=self.group)
         out = vec.split([p.numel() for p in parts])
         last = out[0].to(last_norms.dtype)
         if m is None:
