@@ -485,9 +485,10 @@ class FusedScaledSGD(Optimizer):
             raise RuntimeError("this optimizer has no noise-scale estimator: build it with noise_scale=True")
         if self.statistics.pending:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
-        if per_rank and self.statistics.shards is None:
-            raise ValueError("per_rank=True needs DTensor (FSDP2/HSDP) parameters; for DDP replicas use "
-                             "fastscale.distributed.register_noise_scale_hook")
+        if not isinstance(per_rank, bool):
+            raise TypeError(f"per_rank must be a bool, got {per_rank!r}")
+        if per_rank:
+            sharded.data_parallel_size(self.statistics.shards, "small-batch norms")
         device = self.statistics.device
         if big_per_tensor is None:
             big_pt, present = self.statistics.grad_sq_norms(self.statistics.params)

@@ -103,6 +103,20 @@ def dtensor_rule(_subclass, op, _types, args, kwargs):
     return on_local_shards(op, args, kwargs or {})
 
 
+def data_parallel_size(layout: "ShardLayout | None", what: str) -> int:
+    """How many data-parallel ranks hold their own examples, for a source of per-rank figures
+    (``what``); a ValueError when there is no mesh or it has model-parallel dims."""
+    if layout is None:
+        raise ValueError(f"{what} per rank need DTensor (FSDP2/HSDP) parameters; for DDP replicas use "
+                         "fastscale.distributed.register_noise_scale_hook")
+    if layout.data_parallel_size is None:
+        raise ValueError(
+            f"{what} on the mesh {layout.mesh} (dims {layout.mesh.mesh_dim_names}): only data-parallel meshes "
+            f"(FSDP2, HSDP; dims unnamed or named {_DATA_PARALLEL_NAMES}) are supported; tensor-parallel "
+            "dims are designed for, not implemented")
+    return layout.data_parallel_size
+
+
 def check_grads(params: list[Tensor], grads: list[Tensor]) -> None:
     """A DTensor parameter's gradient must be a DTensor laid out as the parameter is (a Partial
     gradient, not yet reduced over its mesh, would step each shard with a part of it)."""
@@ -168,12 +182,7 @@ class ShardLayout:
     def global_examples(self, local_examples: int, batch_size: int | None) -> int:
         """Examples behind a step whose ``local_examples`` are this rank's: every data-parallel rank
         holds as many. Raises when the mesh has model-parallel dims or the batch does not split."""
-        w = self.data_parallel_size
-        if w is None:
-            raise ValueError(
-                f"per-example norms on the mesh {self.mesh} (dims {self.mesh.mesh_dim_names}): only data-parallel "
-                f"meshes (FSDP2, HSDP; dims unnamed or named {_DATA_PARALLEL_NAMES}) are supported; "
-                "tensor-parallel dims are designed for, not implemented")
+        w = data_parallel_size(self, "per-example norms")
         if batch_size is not None and batch_size % w:
             raise ValueError(f"the batch size {batch_size} is not divisible by the {w} data-parallel ranks of the "
                              f"mesh {self.mesh}")

@@ -414,6 +414,18 @@ def test_bad_input_raises_a_clear_error(ranks, case):
             assert got[case + "_unchanged"] is True
 
 
+def test_per_rank_norms_without_dtensors_raise_and_record_nothing():
+    params = [torch.randn(4, 3, requires_grad=True)]
+    params[0].grad = torch.randn(4, 3)
+    opt = make_optimizer(params)
+    with pytest.raises(ValueError, match=r"small-batch norms per rank need DTensor \(FSDP2/HSDP\) parameters"):
+        opt.observe_small_batch_norms(torch.rand(1) + 0.5, 2, 8, per_rank=True)
+    with pytest.raises(TypeError, match="per_rank must be a bool"):
+        opt.observe_small_batch_norms(torch.rand(1) + 0.5, 2, 8, per_rank=1)
+    assert not opt.statistics.pending
+    opt.observe_small_batch_norms(torch.rand(1) + 0.5, 2, 8)  # the step's source is still free
+
+
 @pytest.mark.parametrize("source", ["per_example", "accumulate"])
 def test_fsdp_example_runs_under_torchrun(source):
     import re
