@@ -286,7 +286,8 @@ class FusedScaledSGD(Optimizer):
         if len(set(map(id, params))) != len(params):  # listed twice (torch warns): stepped once
             params = list({id(p): p for p in params}.values())
         grads = [p.grad for p in params]
-        sharded.check_grads(params, grads)
+        if self.statistics.shards is not None:  # DTensor parameters: each gradient laid out as its parameter
+            sharded.check_grads(params, grads)
         for p, g in zip(params, grads):
             _check_dtypes(p)
             if g.is_sparse and (group["fused"] or group["differentiable"]):
