@@ -169,6 +169,32 @@ def _train_accumulate(rank, model, rows_of, amp=False, compiled=False, **kw):
     return result
 
 
+def _overflow_on_one_rank(rank):
+    """An inf in rank 1's shard only, at step 1: GradScaler's found_inf must agree across the ranks
+    (DTensor reduces it over the mesh), so every rank skips that update and its statistics."""
+    x, y = make_data()
+    model = _fsdp_model()
+    opt = make_optimizer(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    skipped = None
+    for step in range(STEPS):
+        opt.zero_grad()
+        for i in range(MICRO):
+            r = micro_rows(rank, i)
+            scaler.scale(loss_fn(model, x[step, r], y[step, r]) / MICRO).backward()
+            opt.accumulate_grad(loss_scale=1 / MICRO, grad_scaler=scaler)
+        if step == 1:
+            if rank == 1:
+                list(model.parameters())[2].grad.to_local()[0, 0] = math.inf
+            skipped = [_whole(p) for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if step == 1:
+            unchanged = all(torch.equal(a, _whole(p)) for a, p in zip(skipped, model.parameters()))
+    stats = opt.gradient_stats()
+    return {"unchanged": unchanged, "steps": stats["steps"], "updates": stats["updates"]}
+
+
 def _tp_model():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate
@@ -284,6 +310,7 @@ def _scenarios(rank):
         # HSDP: replicated over 2 ranks, sharded over 1: every tensor counted once, not twice.
         "hsdp_per_example": _train_fsdp_per_example(
             rank, mesh=init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp_replicate", "dp_shard"))),
+        "overflow_on_one_rank": _overflow_on_one_rank(rank),
         "bad_input": _bad_input(rank),
     }
 
@@ -362,6 +389,11 @@ def test_statistics_match_single_process(ranks, single_process, scenario):
             assert got[key] == pytest.approx(want[key], rel=1e-5, nan_ok=True), key
     if SCENARIOS[scenario] == "accumulate":
         assert all(math.isfinite(v) for key in PER_TENSOR_KEYS for v in want[key])
+
+
+def test_overflow_on_one_rank_skips_the_step_on_every_rank(ranks):
+    for rank in range(WORLD):
+        assert ranks[rank]["overflow_on_one_rank"] == {"unchanged": True, "steps": STEPS - 1, "updates": STEPS - 1}
 
 
 def test_compiled_step_traces_the_statistics_collective(ranks):
