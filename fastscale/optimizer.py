@@ -415,6 +415,10 @@ class FusedScaledSGD(Optimizer):
         check_grad_scaler(grad_scaler)
         self._check_params()
         buckets = self._buckets_for_accumulation()
+        if not buckets and self.statistics.shards is not None:
+            warnings.warn("fastscale: accumulate_grad() found no gradient; under FSDP2's set_requires_gradient_sync"
+                          "(False) the sharded gradients appear only after the last micro-batch, so nothing is "
+                          "measured: synchronise every micro-batch, or use per-example norms", stacklevel=2)
         if self.statistics.estimator is None:
             return  # nothing would use the measurement: no pass, no snapshots
         self.statistics.accumulate(

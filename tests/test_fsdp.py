@@ -140,21 +140,28 @@ def _train_fsdp_per_example(rank, mesh=None, no_sync=False):
     return _result(model, opt)
 
 
-def _train_accumulate(rank, model, rows_of, amp=False, compiled=False, **kw):
+def _train_accumulate(rank, model, rows_of, amp=False, compiled=False, no_sync=False, **kw):
     """MICRO micro-batches, gradients synchronised after each (FSDP2's default): accumulate_grad
-    sees each global micro-batch's gradient shard (B_small = global micro-batch)."""
+    sees each global micro-batch's gradient shard (B_small = global micro-batch). With
+    ``no_sync`` the first ones run under set_requires_gradient_sync(False): nothing to measure."""
     x, y = make_data()
     opt = make_optimizer(model.parameters(), **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if amp else None
     step_fn = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+    warned = []
     for step in range(STEPS):
         opt.zero_grad()
         for i in range(MICRO):
+            if no_sync:
+                model.set_requires_gradient_sync(i == MICRO - 1)
             r = rows_of(rank, i)
             loss = loss_fn(model, x[step, r], y[step, r]) / MICRO
             (scaler.scale(loss) if amp else loss).backward()
-            with host_reads_forbidden() if step else contextlib.nullcontext():
+            forbid = host_reads_forbidden() if step else contextlib.nullcontext()
+            with forbid, warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
                 opt.accumulate_grad(loss_scale=1 / MICRO, grad_scaler=scaler)
+            warned += [str(w.message) for w in seen]
         if amp:
             scaler.step(opt)
             scaler.update()
@@ -162,6 +169,7 @@ def _train_accumulate(rank, model, rows_of, amp=False, compiled=False, **kw):
             with host_reads_forbidden() if step and not compiled else contextlib.nullcontext():
                 step_fn()
     result = _result(model, opt)
+    result["warnings"] = warned
     if compiled:
         from torch._dynamo.utils import counters
 
@@ -307,6 +315,7 @@ def _scenarios(rank):
         "fsdp_accumulate_twin": _train_accumulate(rank, _fsdp_model(), micro_rows, fused=False),
         "tp_accumulate": _train_accumulate(rank, _tp_model(), _tp_rows),
         "fsdp_accumulate_compiled": _train_accumulate(rank, _fsdp_model(), micro_rows, compiled=True),
+        "fsdp_accumulate_no_sync": _train_accumulate(rank, _fsdp_model(), micro_rows, no_sync=True),
         # HSDP: replicated over 2 ranks, sharded over 1: every tensor counted once, not twice.
         "hsdp_per_example": _train_fsdp_per_example(
             rank, mesh=init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp_replicate", "dp_shard"))),
@@ -394,6 +403,16 @@ def test_statistics_match_single_process(ranks, single_process, scenario):
 def test_overflow_on_one_rank_skips_the_step_on_every_rank(ranks):
     for rank in range(WORLD):
         assert ranks[rank]["overflow_on_one_rank"] == {"unchanged": True, "steps": STEPS - 1, "updates": STEPS - 1}
+
+
+def test_accumulate_grad_under_no_sync_measures_nothing_and_says_so(ranks, single_process):
+    for rank in range(WORLD):
+        got = ranks[rank]["fsdp_accumulate_no_sync"]
+        assert got["stats"]["updates"] == 0  # one micro-batch seen per step: no two batch sizes
+        assert len(got["warnings"]) == STEPS and "set_requires_gradient_sync(False)" in got["warnings"][0]
+        for g, w in zip(got["params"], single_process["accumulate"]["params"], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)  # the update is unaffected
+        assert all(not ranks[rank][s]["warnings"] for s in SCENARIOS if s.startswith(("fsdp_acc", "tp_acc")))
 
 
 def test_compiled_step_traces_the_statistics_collective(ranks):
