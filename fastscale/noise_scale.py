@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference, sharded
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,11 @@ class Measurement:
     union (both 1-element fp64 tensors). ``small_pt``/``big_pt``: the same per parameter
     tensor (fp32, indexed like the optimizer's parameters), ``present``: which tensors had a
     gradient. ``examples``: examples behind the step.
+
+    With DTensor parameters (:mod:`fastscale.sharded`): ``local_pt`` names the per-tensor fields
+    that hold this rank's shards only (their totals follow them), ``local_examples`` says that
+    ``small_sq``/``small_pt`` are over this rank's examples only; both are made whole by the
+    step's one collective. Without DTensors, local is whole and both are ignored.
     """
 
     small_sq: Tensor
@@ -133,6 +138,8 @@ class Measurement:
     big_pt: Tensor | None = None
     present: Tensor | None = None
     examples: float | None = None
+    local_pt: tuple = ()
+    local_examples: bool = False
 
 
 class NoiseScaleEstimator:
@@ -476,6 +483,7 @@ class StatisticsTracker:
         self.device = device
         self.params = list(params)
         self.index = {p: i for i, p in enumerate(self.params)}
+        self.shards = sharded.ShardLayout.of(self.params, device)  # None unless DTensors; raises for bad mixes
         if estimator is None and config is not None:
             estimator = NoiseScaleEstimator(config, len(self.params), device)
         self.estimator = estimator
@@ -633,6 +641,7 @@ class StatisticsTracker:
         return Measurement(
             small_sq=small_pt.sum().reshape(1), big_sq=big_pt.sum().reshape(1), b_small=b_small, b_big=b_big,
             small_pt=small_pt.float(), big_pt=big_pt.float(), present=present, examples=float(sum(sizes)),
+            local_pt=("small_pt", "big_pt"),  # from this rank's gradients: whole once summed over shards
         )
 
     # ----------------------------------------------------------------- the step
@@ -642,6 +651,8 @@ class StatisticsTracker:
         self.last_norms = last_norms
         m = self._pending if self._pending is not None else self._finish_accumulation()
         self.reset()
+        if self.shards is not None:  # DTensor parameters: the step's one collective
+            self.last_norms, m = self.shards.sum_over_shards(last_norms, m)
         if m is None or self.estimator is None:
             return
         self.estimator.update(m, skip)
@@ -658,17 +669,19 @@ def _grads_since(seen: dict, now: dict) -> tuple[set, bool]:
     since then). A .grad that is another tensor (or None) was reset: it counts afresh; if every
     one was, the loop reset the gradients outside the optimizer and a new accumulation starts."""
     kept = {i for i, (ref, _) in seen.items() if ref is not None and ref() is not None and ref() is now.get(i)}
-    unchanged = bool(now) and all(i in kept and seen[i][1] == g._version for i, g in now.items())
+    unchanged = bool(now) and all(i in kept and seen[i][1] == sharded.version(g) for i, g in now.items())
     return kept, unchanged
 
 
 @torch.compiler.disable
 def _remember_grad(seen: dict, position: int, grad: Tensor) -> None:
-    seen[position] = (weakref.ref(grad), grad._version)
+    seen[position] = (weakref.ref(grad), sharded.version(grad))
 
 
 def _dense_real(t: Tensor) -> Tensor:
-    """What a squared norm is summed over: complex as (re, im) pairs, sparse as its values."""
+    """What a squared norm is summed over: complex as (re, im) pairs, sparse as its values, a
+    DTensor as its local shard (summed over shards at the step)."""
+    t = sharded.local(t)
     if t.is_sparse:
         t = t.coalesce()._values()
     return torch.view_as_real(t) if t.is_complex() else t

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import ops
+from . import ops, sharded
 from . import scaling as lr_scaling
 from .functional import check_sparse, fused_scaled_sgd
 from .noise_scale import (
@@ -286,6 +286,8 @@ class FusedScaledSGD(Optimizer):
         if len(set(map(id, params))) != len(params):  # listed twice (torch warns): stepped once
             params = list({id(p): p for p in params}.values())
         grads = [p.grad for p in params]
+        if self.statistics.shards is not None:  # DTensor parameters: each gradient laid out as its parameter
+            sharded.check_grads(params, grads)
         for p, g in zip(params, grads):
             _check_dtypes(p)
             if g.is_sparse and (group["fused"] or group["differentiable"]):
@@ -413,6 +415,10 @@ class FusedScaledSGD(Optimizer):
         check_grad_scaler(grad_scaler)
         self._check_params()
         buckets = self._buckets_for_accumulation()
+        if not buckets and self.statistics.shards is not None:
+            warnings.warn("fastscale: accumulate_grad() found no gradient; under FSDP2's set_requires_gradient_sync"
+                          "(False) the sharded gradients appear only after the last micro-batch, so nothing is "
+                          "measured: synchronise every micro-batch, or use per-example norms", stacklevel=2)
         if self.statistics.estimator is None:
             return  # nothing would use the measurement: no pass, no snapshots
         self.statistics.accumulate(
@@ -435,7 +441,10 @@ class FusedScaledSGD(Optimizer):
         if sq_norms.numel() < 2:
             raise ValueError(f"sq_norms must hold at least 2 examples, got {sq_norms.numel()}")
         sq = sq_norms.detach().to(self.statistics.device).double().mean().reshape(1)
-        self.observe_small_batch_norms(sq, 1, sq_norms.numel(), loss_scale, grad_scaler)
+        examples, shards = sq_norms.numel(), self.statistics.shards
+        if shards is not None:  # FSDP2/HSDP: this rank's examples, the gradient's are global
+            examples = shards.global_examples(examples, self.param_groups[0]["batch_size"])
+        self.observe_small_batch_norms(sq, 1, examples, loss_scale, grad_scaler, per_rank=shards is not None)
 
     @torch.no_grad()
     def observe_small_batch_norms(
@@ -448,6 +457,7 @@ class FusedScaledSGD(Optimizer):
         per_tensor: Tensor | None = None,
         *,
         big_per_tensor: Tensor | None = None,
+        per_rank: bool = False,
     ) -> None:
         """Feed this step's mean squared norm of gradients over ``small_batch_size`` examples.
 
@@ -458,6 +468,9 @@ class FusedScaledSGD(Optimizer):
         :meth:`gradient_stats`. The big-batch norm is read from ``.grad`` now (call this
         before clipping), where ``.grad`` = loss_scale × the mean gradient; a source that
         measured it earlier passes it per tensor as ``big_per_tensor`` (in ``.grad``'s scale).
+        ``per_rank``: with DTensor parameters (FSDP2, HSDP), ``mean_sq_norm``/``per_tensor`` are
+        over this rank's examples only and are averaged over the data-parallel ranks at ``step()``
+        (the batch sizes are global); without it they are taken as whole-mesh figures.
         """
         loss_scale = check_loss_scale(loss_scale)
         check_grad_scaler(grad_scaler)
@@ -477,6 +490,10 @@ class FusedScaledSGD(Optimizer):
             raise RuntimeError("this optimizer has no noise-scale estimator: build it with noise_scale=True")
         if self.statistics.pending:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
+        if not isinstance(per_rank, bool):
+            raise TypeError(f"per_rank must be a bool, got {per_rank!r}")
+        if per_rank:
+            sharded.data_parallel_size(self.statistics.shards, "small-batch norms")
         device = self.statistics.device
         if big_per_tensor is None:
             big_pt, present = self.statistics.grad_sq_norms(self.statistics.params)
@@ -493,6 +510,7 @@ class FusedScaledSGD(Optimizer):
             small_sq=sq, big_sq=big_pt.sum().reshape(1), b_small=float(small_batch_size),
             b_big=float(big_batch_size), small_pt=None if small_pt is None else small_pt.float(),
             big_pt=big_pt.float(), present=present, examples=float(big_batch_size),
+            local_pt=("big_pt",) if big_per_tensor is None else (), local_examples=per_rank,
         ))
 
     # ----------------------------------------------------------------- readout
