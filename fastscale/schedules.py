@@ -82,6 +82,12 @@ def _world_size(world_size, process_group) -> int:
     return 1
 
 
+def _check_optimizer(optimizer) -> None:
+    if not (hasattr(optimizer, "set_batch_size") and hasattr(optimizer, "param_groups")):
+        raise TypeError(f"optimizer must be a fastscale.FusedScaledSGD (with set_batch_size), "
+                        f"got {type(optimizer).__name__}")
+
+
 def _multiple_of(kwargs: dict) -> tuple[int, str]:
     """What every batch size must be a multiple of, from a schedule's keyword arguments (read
     before the base constructor runs, so a subclass checks its bounds first)."""
@@ -136,9 +142,7 @@ class BatchSizeSchedule:
                  process_group=None, rewarmup_steps: int = 0, lr_scheduler=None, scheduler_unit: str = "steps",
                  scheduler_batch_size=None, noise_hook_state=None):
         # --- validate everything, then commit (a constructor that raises changed nothing)
-        if not (hasattr(optimizer, "set_batch_size") and hasattr(optimizer, "param_groups")):
-            raise TypeError(f"optimizer must be a fastscale.FusedScaledSGD (with set_batch_size), "
-                            f"got {type(optimizer).__name__}")
+        _check_optimizer(optimizer)
         self.micro_batch_size = _check_int("micro_batch_size", micro_batch_size)
         self.world_size = _world_size(world_size, process_group)
         self.multiple = self.micro_batch_size * self.world_size
@@ -350,6 +354,7 @@ class AdaptiveBatchSize(BatchSizeSchedule):
     def __init__(self, optimizer, min_batch_size: int, max_batch_size: int, *, factor: float = 1.0,
                  check_every: int = 50, hysteresis: float = 0.25, max_growth: float = 2.0, statistics=None,
                  **kwargs):
+        _check_optimizer(optimizer)
         min_b = _check_int("min_batch_size", min_batch_size)
         max_b = _check_int("max_batch_size", max_batch_size)
         if min_b > max_b:
