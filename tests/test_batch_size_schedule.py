@@ -32,10 +32,12 @@ def _opt(scaling="linear", base=8, **kw):
     return FusedScaledSGD([p], lr=0.1, batch_size=base, base_batch_size=base, scaling=scaling, **kw)
 
 
-def _run(schedule, steps):
+def _run(schedule, steps, step_optimizer=False):
     sizes = []
     for _ in range(steps):
         sizes.append(schedule.batch_size)
+        if step_optimizer:  # (no gradients: nothing moves) so torch's schedulers see the order they expect
+            schedule.optimizer.step()
         schedule.step()
     return sizes
 
@@ -115,6 +117,9 @@ def test_step_schedule_in_tokens():
     sizes = _run(s, 16)
     # 100 tokens = 50 examples: reached after 7 steps of 8; 300 tokens = 150: after 6 more of 16
     assert sizes == [8] * 7 + [16] * 6 + [32] * 3
+    # a milestone is in force from the step that starts at it
+    s = StepBatchSize(_opt(), [(0, 8), (32, 16)])
+    assert _run(s, 6) == [8, 8, 8, 8, 16, 16]
 
 
 # ----------------------------------------------------------------- lr coupling
@@ -146,13 +151,16 @@ def test_lr_follows_each_rule(rule):
         assert lr == pytest.approx(0.1 * scale, rel=1e-6)
 
 
-def test_rewarmup_ramps_from_the_old_rate_and_never_shows_in_group_lr():
-    opt = _opt("linear")
+@pytest.mark.parametrize("rule", ["linear", "sqrt"])
+def test_rewarmup_ramps_from_the_old_rate_and_never_shows_in_group_lr(rule):
+    opt = _opt(rule)
     s = AdaptiveBatchSize(opt, 8, 64, check_every=3, rewarmup_steps=4, statistics=FakeStats([(16.0, 16.0, True)]))
     sizes, lrs = _applied_lrs(opt, s, 10)
     assert sizes == [8, 8, 8] + [16] * 7
-    # old rate 0.1, new 0.2: 0.1 → 0.2 over 4 steps, then 0.2
-    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.125, 0.15, 0.175, 0.2, 0.2, 0.2])
+    # from the old rate 0.1 to the new one (0.2 linear, 0.1·√2 sqrt) linearly over 4 steps
+    new = 0.2 if rule == "linear" else 0.1 * math.sqrt(2)
+    ramp = [new * (0.1 / new + (1 - 0.1 / new) * t / 4) for t in range(4)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, *ramp, new, new, new])
     assert opt.param_groups[0]["lr"] == 0.1
 
 
@@ -175,13 +183,13 @@ def test_scheduler_kept_in_examples():
     opt = _opt("linear")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     s = LinearRampBatchSize(opt, 8, 64, ramp=300, lr_scheduler=sched, scheduler_unit="examples")
-    _run(s, 12)
+    _run(s, 12, step_optimizer=True)
     assert sched.last_epoch == s.examples // 8  # one scheduler step per base batch of examples
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / (1 + s.examples // 8))
     # in steps instead: one per optimizer step
     opt2 = _opt("linear")
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda t: 1.0 / (1 + t))
-    _run(LinearRampBatchSize(opt2, 8, 64, ramp=300, lr_scheduler=sched2), 12)
+    _run(LinearRampBatchSize(opt2, 8, 64, ramp=300, lr_scheduler=sched2), 12, step_optimizer=True)
     assert sched2.last_epoch == 12
 
 
