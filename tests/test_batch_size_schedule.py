@@ -279,6 +279,16 @@ def _make_run(x, y):
     return model, opt, s, sampler
 
 
+def _accumulate(model, opt, schedule, x, y, idx, micro=4):
+    """Backward over the batch ``idx`` in micro-batches of ``micro``, each fed to accumulate_grad."""
+    k = schedule.accumulation_steps
+    opt.zero_grad()
+    for i in range(k):
+        part = idx[micro * i:micro * (i + 1)]
+        (torch.nn.functional.mse_loss(model(x[part]), y[part]) / k).backward()
+        opt.accumulate_grad(batch_size=micro, loss_scale=1 / k)
+
+
 def _train(x, y, run, steps, log):
     model, opt, s, sampler = run
     it = iter(sampler)
@@ -288,12 +298,7 @@ def _train(x, y, run, steps, log):
         except StopIteration:  # the epoch is over: the sampler starts the next one
             it = iter(sampler)
             idx = next(it)
-        k = s.accumulation_steps
-        opt.zero_grad()
-        for i in range(k):
-            part = idx[4 * i:4 * (i + 1)]
-            (torch.nn.functional.mse_loss(model(x[part]), y[part]) / k).backward()
-            opt.accumulate_grad(batch_size=4, loss_scale=1 / k)
+        _accumulate(model, opt, s, x, y, idx)
         lr = opt.current_lr()[0] * s.lr_factor
         opt.step()
         log.append((s.batch_size, lr, [p.detach().clone() for p in model.parameters()]))
@@ -412,12 +417,7 @@ def _worker(out):
     for _ in range(60):
         idx = next(it)
         assert len(idx) == s.local_batch_size
-        k = s.accumulation_steps
-        opt.zero_grad()
-        for i in range(k):
-            part = idx[4 * i:4 * (i + 1)]
-            (torch.nn.functional.mse_loss(model(x[part]), y[part]) / k).backward()
-            opt.accumulate_grad(batch_size=4, loss_scale=1 / k)
+        _accumulate(model, opt, s, x, y, idx)
         opt.step()
         s.step()
         if s.last_check is not None and s.last_check["step"] == s.steps:

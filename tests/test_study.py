@@ -656,10 +656,8 @@ def test_adaptive_criterion_without_a_reference():
 
 
 def test_adaptive_crossing_interpolates_examples():
-    from fastscale.study.adaptive import crossing
-
     # the batch grew from 8 to 32 between the evaluations: examples are not steps × one batch
-    assert crossing({"steps": [0, 10, 20], "examples": [0, 80, 400], "loss": [3.0, 2.0, 1.0]}, 1.5) == (15.0, 240.0)
+    assert fit.crossing({"steps": [0, 10, 20], "examples": [0, 80, 400], "loss": [3.0, 2.0, 1.0]}, 1.5) == (15.0, 240.0)
 
 
 def test_adaptive_arm_end_to_end(tmp_path):

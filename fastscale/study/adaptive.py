@@ -16,6 +16,7 @@ import torch
 
 from fastscale import AdaptiveBatchSize, FusedScaledSGD, NoiseScaleConfig
 
+from . import fit
 from .train import FUSED, RunConfig, _fresh_model, _split, read_online
 
 
@@ -88,25 +89,9 @@ def adaptive_run(task, init_state: dict, cfg: RunConfig, acfg: AdaptiveConfig, s
             "final_loss": curve["loss"][-1], "curve": curve}
 
 
-def crossing(curve: dict, target: float) -> tuple[float, float] | None:
-    """(steps, examples) where the held-out loss first reaches ``target``, both interpolated
-    linearly between the evaluations around it (the batch size changes, so examples ≠ B·steps)."""
-    loss = curve["loss"]
-    for i, value in enumerate(loss):
-        if not math.isfinite(value):
-            return None
-        if value <= target:
-            if i == 0:
-                return 0.0, 0.0
-            t = (loss[i - 1] - target) / (loss[i - 1] - value) if loss[i - 1] != value else 1.0
-            lerp = lambda xs: xs[i - 1] + t * (xs[i] - xs[i - 1])  # noqa: E731
-            return lerp(curve["steps"]), lerp(curve["examples"])
-    return None
-
-
 def compare(run: dict, fixed_runs: list[dict], target: float, acfg: AdaptiveConfig) -> dict:
     """The criterion: the adaptive run against the fixed batch sizes (every rule's runs)."""
-    hit = crossing(run["curve"], target)
+    hit = fit.crossing(run["curve"], target)
     run["steps_to_target"], run["examples_to_target"] = (None, None) if hit is None else hit
     smallest = min(r["batch_size"] for r in fixed_runs)
     ref = [r for r in fixed_runs if r["batch_size"] == smallest and r.get("examples_to_target") is not None]
@@ -141,7 +126,7 @@ def report_section(name: str, res: dict, plots: list[str], unit: str) -> list[st
     a = res["adaptive"]
     run, c = a["run"], a["comparison"]
     lines = [f"### Adaptive batch size (`fastscale.AdaptiveBatchSize`)", "",
-             f"Batch from {a['config']['min_batch_size']} to {a['config']['max_batch_size']} {unit}s, "
+             f"Batch from {a['config']['min_batch_size']} to {a['config']['max_batch_size']}{unit}, "
              f"B = clamp({a['config']['factor']:g} × B_simple), checked every {a['config']['check_every']} steps "
              f"(growing at most {a['config']['max_growth']:g}× at a time), "
              f"lr rule `{a['config']['rule']}`, re-warmup {a['config']['rewarmup_steps']} steps. "
@@ -204,6 +189,10 @@ def plot(name: str, res: dict, out, save) -> list[str]:
         ax.errorbar([pt["examples"]], [cr["value"]], yerr=err, fmt="s", color="C3", capsize=3,
                     label=None if labelled else "measured B_crit [90%] (branching)")
         labelled = True
+    hit = a["comparison"].get("adaptive_examples")
+    if hit is not None:
+        for axis in (ax, ax_lr):
+            axis.axvline(hit, color="0.5", ls="--", lw=1, label="target loss reached" if axis is ax else None)
     ax.set_yscale("log")
     ax.set_ylabel("batch size")
     ax.legend(fontsize=8)
