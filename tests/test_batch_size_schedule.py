@@ -334,6 +334,45 @@ def test_resume_mid_ramp_is_bit_for_bit():
             assert torch.equal(a, b), t
 
 
+# ----------------------------------------------------------------- no host read between checks
+def test_reads_the_estimate_only_at_checks(monkeypatch):
+    """Between checks neither schedule.step() nor the re-warmup inside opt.step() reads a tensor on
+    the host (on a GPU: no sync); the check step is the one that does (test_no_sync's method)."""
+    from test_no_sync import host_reads_forbidden
+
+    x, y = _data(n=2000)
+    model, opt, s, sampler = _make_run(x, y)
+    it = iter(sampler)
+    reads_at = []
+    for _ in range(40):
+        _accumulate(model, opt, s, x, y, next(it))
+        check = (s.steps + 1) % s.check_every == 0
+        if check:
+            opt.step()
+            s.step()
+            reads_at.append(s.steps)
+        else:
+            with host_reads_forbidden(monkeypatch):
+                opt.step()  # re-warmup hooks included
+                s.step()
+    assert len(s.history) > 1 and s._hooks  # it grew, with re-warmups, under the forbidding
+    with pytest.raises(AssertionError, match="read a tensor on the host"):  # the check does read
+        with host_reads_forbidden(monkeypatch):
+            s.steps = s.check_every - 1
+            s.step()
+
+
+def test_noise_hook_state_follows_the_local_batch():
+    class Hook:
+        local_batch_size = 0
+
+    hook = Hook()
+    s = StepBatchSize(_opt(), [(0, 8), (16, 32)], world_size=4, noise_hook_state=hook)
+    assert hook.local_batch_size == 2
+    _run(s, 3)
+    assert s.batch_size == 32 and hook.local_batch_size == 8
+
+
 # ----------------------------------------------------------------- bad input
 def _hooks(opt):
     return len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
