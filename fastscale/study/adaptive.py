@@ -17,7 +17,7 @@ import torch
 from fastscale import AdaptiveBatchSize, FusedScaledSGD, NoiseScaleConfig
 
 from . import fit
-from .train import FUSED, RunConfig, _fresh_model, _split, read_online
+from .train import FUSED, RunConfig, _fresh_model, _MeasuredStep, _split, read_online
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class AdaptiveConfig:
 
 def adaptive_run(task, init_state: dict, cfg: RunConfig, acfg: AdaptiveConfig, seed: int, target_loss: float) -> dict:
     """Train from ``init_state`` for the smallest batch's example budget, the batch size chosen by
-    :class:`fastscale.AdaptiveBatchSize`. Each step is split into ``cfg.micro_batches`` parts
-    through ``opt.accumulate_grad`` (as in every from-scratch run), which feeds the estimate."""
+    :class:`fastscale.AdaptiveBatchSize`. Each step feeds the estimate as every from-scratch run
+    does: ``cfg.micro_batches`` parts through ``opt.accumulate_grad``, or per-example norms."""
     generator = torch.Generator().manual_seed(seed)
     model = _fresh_model(task, init_state, seed)
     opt = FusedScaledSGD(
@@ -49,6 +49,7 @@ def adaptive_run(task, init_state: dict, cfg: RunConfig, acfg: AdaptiveConfig, s
                                  check_every=acfg.check_every, max_growth=acfg.max_growth,
                                  micro_batch_size=acfg.multiple,
                                  rewarmup_steps=acfg.rewarmup_steps)
+    step_fn = _MeasuredStep(task, model, opt, acfg.min_batch_size, cfg)
     curve = {k: [] for k in ("steps", "examples", "loss", "accuracy", "batch_size", "lr", "b_simple", "b_simple_low")}
 
     def record() -> float:
@@ -68,13 +69,11 @@ def adaptive_run(task, init_state: dict, cfg: RunConfig, acfg: AdaptiveConfig, s
     next_eval = cfg.eval_every_examples
     diverged = False
     while schedule.examples < cfg.max_examples and schedule.steps < cfg.max_steps:
-        b = schedule.batch_size
-        opt.zero_grad()
-        for size in _split(b, cfg.micro_batches):
-            share = size / b
-            (task.loss(model, task.sample(generator, size)) * share).backward()
-            opt.accumulate_grad(batch_size=size, loss_scale=share)
-        opt.step()
+        if step_fn.batch_size != schedule.batch_size:  # the realisation follows the schedule
+            step_fn.batch_size = schedule.batch_size
+            step_fn.sizes = [schedule.batch_size] if step_fn.per_example else _split(schedule.batch_size,
+                                                                                        cfg.micro_batches)
+        step_fn(generator)  # zero_grad, the measured backward(s), opt.step()
         schedule.step()
         if schedule.examples >= next_eval:
             next_eval = (schedule.examples // cfg.eval_every_examples + 1) * cfg.eval_every_examples
