@@ -479,5 +479,61 @@ def test_two_ranks_agree_on_the_batch_size(tmp_path):
     assert r0["alone"] != r1["alone"]  # on which the ranks alone would have disagreed
 
 
+def _ddp_worker(out):
+    """The DDP loop of docs/batch_size_schedules.md: the replica hook feeds the estimate, micro-
+    batches accumulate under no_sync(), the sampler gives each rank its slice of the global batch."""
+    import contextlib
+    import os
+
+    import torch.distributed as dist
+
+    from fastscale.distributed import register_noise_scale_hook
+
+    dist.init_process_group("gloo", init_method="env://")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(6, 1))
+    opt = FusedScaledSGD(ddp.parameters(), lr=0.02, momentum=0.9, batch_size=16,
+                         noise_scale=fastscale.NoiseScaleConfig(min_updates=3))
+    hook = register_noise_scale_hook(ddp, opt, local_batch_size=8)
+    s = AdaptiveBatchSize(opt, 16, 256, factor=8.0, check_every=3, micro_batch_size=4, noise_hook_state=hook)
+    x, y = _data(n=4000)  # one data set; the sampler gives each rank its half of every batch
+    sampler = BatchSizeSampler(len(x), s, seed=2)
+    it = iter(sampler)
+    seen, local_sizes = [], []
+    for _ in range(60):
+        idx = next(it)
+        seen.append(idx)
+        k = s.accumulation_steps
+        opt.zero_grad()
+        for i in range(k):
+            part = idx[4 * i:4 * (i + 1)]
+            with ddp.no_sync() if i < k - 1 else contextlib.nullcontext():
+                (torch.nn.functional.mse_loss(ddp(x[part]), y[part]) / k).backward()
+        opt.step()
+        local_sizes.append(hook.local_batch_size)
+        s.step()
+    torch.save({"history": s.history, "checks": s.last_check, "seen": seen, "local_sizes": local_sizes,
+                "updates": opt.gradient_stats()["updates"], "params": [p.detach() for p in ddp.parameters()]},
+               os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_loop_with_the_replica_hook(tmp_path):
+    r0, r1 = launch_ranks(WORKER, tmp_path, 2, timeout=120, FASTSCALE_TEST_MODE="ddp")
+    assert r0["history"] == r1["history"] and len(r0["history"]) > 1
+    assert r0["updates"] == 60  # the hook fed the estimate at every step, at every batch size
+    sizes = dict(r0["history"])
+    batch = [sizes[max(k for k in sizes if k <= t)] for t in range(60)]
+    assert r0["local_sizes"] == [b // 2 for b in batch]  # the hook's B_small followed the schedule
+    for a, b, n in zip(r0["seen"], r1["seen"], batch):
+        assert len(a) == len(b) == n // 2 and not set(a) & set(b)
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
-    _worker(sys.argv[sys.argv.index("--worker") + 1])
+    import os
+
+    out = sys.argv[sys.argv.index("--worker") + 1]
+    _ddp_worker(out) if os.environ.get("FASTSCALE_TEST_MODE") == "ddp" else _worker(out)
