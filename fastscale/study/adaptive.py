@@ -124,7 +124,7 @@ def compare(run: dict, fixed_runs: list[dict], target: float, acfg: AdaptiveConf
 def report_section(name: str, res: dict, plots: list[str], unit: str) -> list[str]:
     a = res["adaptive"]
     run, c = a["run"], a["comparison"]
-    lines = [f"### Adaptive batch size (`fastscale.AdaptiveBatchSize`)", "",
+    lines = ["### Adaptive batch size (`fastscale.AdaptiveBatchSize`)", "",
              f"Batch from {a['config']['min_batch_size']} to {a['config']['max_batch_size']}{unit}, "
              f"B = clamp({a['config']['factor']:g} × B_simple), checked every {a['config']['check_every']} steps "
              f"(growing at most {a['config']['max_growth']:g}× at a time), "
@@ -154,10 +154,10 @@ def _n(x) -> str:
     return "not reached" if x is None else f"{x:,.0f}"
 
 
-def summary(res: dict) -> dict:
+def summary(fixed_runs: list[dict]) -> list[dict]:
     """The fixed runs as the report shows them (steps and examples to target)."""
     return [{"batch_size": r["batch_size"], "rule": r["rule"], "steps": r.get("steps_to_target"),
-             "examples": r.get("examples_to_target")} for r in res["rules"]["runs"] if not r.get("shared_with")]
+             "examples": r.get("examples_to_target")} for r in fixed_runs]
 
 
 def plot(name: str, res: dict, out, save) -> list[str]:

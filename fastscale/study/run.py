@@ -278,20 +278,21 @@ def adaptive_config(cfg: StudyConfig, task) -> adaptive.AdaptiveConfig:
     sizes = rule_batch_sizes(cfg, task)
     return adaptive.AdaptiveConfig(
         min_batch_size=sizes[0], max_batch_size=sizes[-1], multiple=math.gcd(*sizes), factor=cfg.adaptive_factor,
-        check_every=cfg.adaptive_check_every, max_growth=cfg.adaptive_max_growth, rule=cfg.adaptive_rule, rewarmup_steps=cfg.adaptive_rewarmup_steps,
+        check_every=cfg.adaptive_check_every, max_growth=cfg.adaptive_max_growth, rule=cfg.adaptive_rule,
+        rewarmup_steps=cfg.adaptive_rewarmup_steps,
     )
 
 
 def run_adaptive(task_key, task, cfg: StudyConfig, run_cfg: RunConfig, init_state: dict, runner, rules: dict) -> dict:
     """One adaptive run (seeded like the smallest batch's fixed run), against every fixed run."""
     acfg = adaptive_config(cfg, task)
-    job = ("adaptive_run", task_key, dict(init_state=init_state, cfg=run_cfg, acfg=acfg,
-                                          seed=cfg.seed * 100_003 + acfg.min_batch_size, target_loss=rules["target_loss"]))
+    seed = cfg.seed * 100_003 + acfg.min_batch_size
+    job = ("adaptive_run", task_key, dict(init_state=init_state, cfg=run_cfg, acfg=acfg, seed=seed,
+                                          target_loss=rules["target_loss"]))
     run = runner.map([job], [f"{task.name} adaptive"])[0]
-    comparison = adaptive.compare(run, [r for r in rules["runs"] if not r.get("shared_with")], rules["target_loss"],
-                                  acfg)
-    return {"config": asdict(acfg), "run": run, "comparison": comparison,
-            "fixed": adaptive.summary({"rules": rules})}
+    fixed = [r for r in rules["runs"] if not r.get("shared_with")]  # the B0 run once, not once per rule
+    return {"config": asdict(acfg), "run": run, "comparison": adaptive.compare(run, fixed, rules["target_loss"], acfg),
+            "fixed": adaptive.summary(fixed)}
 
 
 def count_runs(cfg: StudyConfig) -> int:
@@ -337,7 +338,8 @@ def check_config(cfg: StudyConfig) -> None:
     if not (cfg.adaptive_factor > 0 and math.isfinite(cfg.adaptive_factor)):
         raise StudyError(f"--adaptive-factor must be a finite number > 0, got {cfg.adaptive_factor}")
     if cfg.adaptive_rule not in RULES:
-        raise StudyError(f"unknown scaling rule {cfg.adaptive_rule!r} for --adaptive-rule (choose from {', '.join(RULES)})")
+        raise StudyError(f"unknown scaling rule {cfg.adaptive_rule!r} for --adaptive-rule "
+                         f"(choose from {', '.join(RULES)})")
     if cfg.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise StudyError(f"--device {cfg.device} was asked for but torch sees no CUDA device "
