@@ -299,13 +299,19 @@ class NoiseScaleEstimator:
         pick = lambda t: t.gather(0, chosen[None, :])[0]  # noqa: E731
         earlier = torch.arange(b.shape[0], device=b.device)[:, None] <= chosen[None, :]
 
+        z = self.config.z
+
         def stderr(values, sds):
-            """The chosen estimate's noise, plus what of its disagreement with the noisier
-            candidates their noise does not explain (a drift it may still lag behind)."""
+            """The chosen estimate's noise, plus its lag: a noisier candidate that differs from
+            it by more than z standard errors of the difference is evidence of a drift the
+            chosen one lags behind, and the whole difference joins its error. The candidates
+            are nested (a longer window holds the shorter one's updates), so the difference's
+            variance is the noisier one's minus the chosen one's (Hausman 1978), not the sum."""
             v, s = pick(values), pick(sds)
-            excess = ((values - v).abs() - (sds * sds + s * s).sqrt()).clamp_min(0)
-            excess = torch.where(earlier & torch.isfinite(excess), excess, 0.0).amax(0)
-            return (s * s + excess * excess).sqrt()
+            gap = (values - v).abs()
+            seen = gap > z * (sds * sds - s * s).clamp_min(0).sqrt()
+            lag = torch.where(earlier & seen & torch.isfinite(gap), gap, 0.0).amax(0)
+            return (s * s + lag * lag).sqrt()
 
         return {
             "grad_sq_norm": pick(g2), "trace_cov": pick(tr), "b_simple": pick(b),
