@@ -448,12 +448,12 @@ def _worker(out):
     assert s.world_size == 2
     # Each rank's own data, with very different noise: each rank's estimator sees something else,
     # and only the all-reduced statistic keeps their decisions equal.
-    x, y = _data(n=4000, seed=10 + rank)
-    y = y + (1.5 if rank else 0.0) * torch.randn(y.shape, generator=torch.Generator().manual_seed(rank))
+    x, y = _data(n=8000, seed=10 + rank)
+    y = y + (0.7 if rank else 0.0) * torch.randn(y.shape, generator=torch.Generator().manual_seed(rank))
     sampler = BatchSizeSampler(len(x), s, seed=2)
     it = iter(sampler)
     local = []
-    for _ in range(60):
+    for _ in range(120):
         idx = next(it)
         assert len(idx) == s.local_batch_size
         _accumulate(model, opt, s, x, y, idx)
