@@ -21,9 +21,11 @@ step never waits for the device; only reading a figure synchronises.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 import statistics
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -432,6 +434,7 @@ class _Accumulation:
         new = copy.copy(self)
         memo[id(self)] = new
         new.small_pt = copy.deepcopy(self.small_pt, memo)
+        new.big_pt = copy.deepcopy(self.big_pt, memo)
         new.amp_divisor = copy.deepcopy(self.amp_divisor, memo)
         new.loss_scales, new.batch_sizes = list(self.loss_scales), list(self.batch_sizes)
         new.seen = {}
@@ -449,7 +452,14 @@ class _Accumulation:
         state["seen"] = {i: (None, v) for i, (_, v) in self.seen.items()}
         return state
 
-    def __init__(self):
+    def __init__(self, hooks: bool = False):
+        # hooks: each micro-batch's norms come from the gradients autograd hands to .grad
+        # (_MicroBatchCapture), and big_pt holds |.grad|² as of the last call; otherwise from
+        # the snapshots (StatisticsTracker.snapshots). broken: a hooked call could not be
+        # measured exactly, so this step gives no measurement.
+        self.hooks = hooks
+        self.big_pt: Tensor | None = None
+        self.broken = False
         self.loss_scales: list[float] = []
         self.batch_sizes: list[int | None] = []
         self.small_pt: Tensor | None = None  # Σ over micro-batches of |g_i|² / c_i², per tensor
@@ -486,6 +496,11 @@ class StatisticsTracker:
         self._accumulation: _Accumulation | None = None
         self._all_present = torch.ones(len(self.params), dtype=torch.bool, device=device)
         self._indices: dict[tuple, Tensor] = {}  # positions -> their index tensor, made once
+        # Micro-batch norms from autograd hooks instead of snapshots, once a whole accumulation
+        # showed every gradient arriving through them (see _MicroBatchCapture).
+        self._capture: _MicroBatchCapture | None = None
+        self._hooks_trusted = False
+        self._hooks_failed = False  # a hooked step could not be measured: snapshots from then on
 
     # ----------------------------------------------------------------- structure
     def with_params(self, params: list[Tensor]) -> "StatisticsTracker":
@@ -525,6 +540,8 @@ class StatisticsTracker:
         """Drop what was measured for the step not yet taken (``zero_grad()``)."""
         self._pending = None
         self._accumulation = None
+        if self._capture is not None:
+            self._capture.clear()
 
     def grad_sq_norms(self, params: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Per-tensor |.grad|² now (fp32 vector over all parameters) and the mask present."""
@@ -574,9 +591,32 @@ class StatisticsTracker:
             return
         # --- all checks passed: write
         if acc is None:
-            acc, kept = _Accumulation(), set()
+            acc, kept = _Accumulation(hooks=self._hooks_trusted and not self._hooks_failed), set()
         acc.seen = {i: v for i, v in acc.seen.items() if i in kept}  # reset ones are measured afresh
         divisor = _amp_divisor(grad_scaler, self.device)
+        if acc.hooks:
+            sq_pt = self._from_hooks(acc, params, kept)
+        else:
+            sq_pt = self._from_snapshots(params_by_bucket, accumulate_op, kept)
+            self._watch_hooks(acc, params, kept)
+        if sq_pt is None:
+            sq_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        sq_pt = sq_pt.double()
+        if divisor is not None:
+            sq_pt = sq_pt * divisor
+        sq_pt = sq_pt / loss_scale**2
+        acc.small_pt = sq_pt if acc.small_pt is None else acc.small_pt + sq_pt
+        acc.loss_scales.append(loss_scale)
+        acc.batch_sizes.append(batch_size)
+        acc.amp_divisor = divisor
+        acc.default_total = default_total  # as it was while the micro-batches were taken
+        for p in params:
+            _remember_grad(acc.seen, self.index[p], p.grad)
+        self._accumulation = acc
+
+    def _from_snapshots(self, params_by_bucket, accumulate_op, kept: set) -> Tensor:
+        """Per-tensor |micro-batch gradient|² as ``.grad`` minus its snapshot (then the
+        snapshot <- ``.grad``), one fused pass per bucket: exact whatever edited ``.grad``."""
         norms, positions = [], []
         for bucket in params_by_bucket:
             if not bucket:
@@ -594,19 +634,75 @@ class StatisticsTracker:
                     snaps.append(_dense_real(snap))
                 norms.append(accumulate_op(snaps, [_dense_real(p.grad) for p in part], first=first))
                 positions += [self.index[p] for p in part]
-        sq_pt, _ = self.per_tensor(norms, positions)
-        sq_pt = sq_pt.double()
-        if divisor is not None:
-            sq_pt = sq_pt * divisor
-        sq_pt = sq_pt / loss_scale**2
-        acc.small_pt = sq_pt if acc.small_pt is None else acc.small_pt + sq_pt
-        acc.loss_scales.append(loss_scale)
-        acc.batch_sizes.append(batch_size)
-        acc.amp_divisor = divisor
-        acc.default_total = default_total  # as it was while the micro-batches were taken
+        return self.per_tensor(norms, positions)[0]
+
+    @torch.compiler.disable
+    def _watch_hooks(self, acc: _Accumulation, params: list[Tensor], kept: set) -> None:
+        """While measuring from snapshots: hook the parameters, and trust the hooks from the
+        next accumulation on once a call saw every continuing gradient arrive through them."""
+        if self._hooks_failed:
+            return
+        if self._capture is None:  # from the next micro-batch on
+            self._capture = _MicroBatchCapture(self.params)
+        cap = self._capture
+        if kept and all(cap.verdict(self.index[p], p.grad, acc.seen.get(self.index[p])) != "unknown"
+                        for p in params if self.index[p] in kept):
+            self._hooks_trusted = True
+            cap.compute = True
+        cap.clear()
+
+    @torch.compiler.disable
+    def _from_hooks(self, acc: _Accumulation, params: list[Tensor], kept: set) -> Tensor | None:
+        """Per-tensor |micro-batch gradient|² from what the hooks computed as each gradient
+        arrived (no snapshot: at most one read of the gradient, while it is fresh), and
+        ``acc.big_pt`` <- |.grad|² as of now. A continuing gradient the hooks cannot account
+        for (edited by hand, two backwards in one micro-batch) breaks the step: no measurement,
+        a warning, and snapshots from the next accumulation on."""
+        if self._capture is None:
+            self._capture = _MicroBatchCapture(self.params)
+        cap = self._capture
+        hooked, direct = [], []  # positions measured by the hooks / read from .grad now
         for p in params:
-            _remember_grad(acc.seen, self.index[p], p.grad)
-        self._accumulation = acc
+            i = self.index[p]
+            verdict = cap.verdict(i, p.grad, acc.seen.get(i) if i in kept else None)
+            if verdict == "hooked" and i in cap.norms:
+                hooked.append(i)
+            elif verdict == "unchanged":
+                continue  # no gradient this micro-batch: 0, and |.grad|² as it was
+            elif i in kept:  # nothing exact to measure it from
+                cap.close()
+                self._capture = None
+                self._hooks_failed, self._hooks_trusted, acc.broken = True, False, True
+                _warn_hooks_failed()
+                return None
+            else:
+                direct.append(i)  # first seen in this accumulation: its whole .grad is the micro-batch
+        if acc.big_pt is None:
+            acc.big_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        micro = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        if hooked:
+            a, d, s = cap.stacked(hooked, self.device)
+            total = s + 2 * d + a  # |T + g|² for .grad T before the micro-batch's gradient g
+            continuing = torch.tensor([i in kept for i in hooked], device=self.device)
+            idx = self._index_of(hooked)
+            acc.big_pt.index_copy_(0, idx, total)
+            micro.index_copy_(0, idx, torch.where(continuing, a, total))
+        if direct:
+            norms, positions = squared_norms_at([self.params[i].grad for i in direct], direct)
+            sq, _ = self.per_tensor(norms, positions)
+            sq = sq.double()
+            idx = self._index_of(positions)
+            acc.big_pt.index_copy_(0, idx, sq[idx])
+            micro.index_copy_(0, idx, sq[idx])
+        cap.clear()
+        return micro
+
+    def _index_of(self, positions: list[int]) -> Tensor:
+        key = tuple(positions)
+        idx = self._indices.get(key)
+        if idx is None:  # a host-to-device copy: once per set of positions, not every step
+            idx = self._indices[key] = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return idx
 
     def _finish_accumulation(self) -> Measurement | None:
         """The accumulated micro-batches as one measurement; the big-batch norm is that of the
@@ -624,7 +720,13 @@ class StatisticsTracker:
         b_big = total_c**2 / sum(ci * ci / bi for ci, bi in zip(c, sizes))
         b_small = k / sum(1.0 / bi for bi in sizes)  # mean of |G_i|²: variance term tr(Σ)·mean(1/b_i)
         seen = sorted(acc.seen)
-        big_pt, present = self.per_tensor(*squared_norms_at([self.snapshots[i] for i in seen], seen))
+        if acc.broken:
+            return None
+        if acc.hooks:
+            present = self.per_tensor([torch.ones(len(seen), device=self.device)], seen)[1]
+            big_pt = torch.where(present, acc.big_pt, 0.0)
+        else:
+            big_pt, present = self.per_tensor(*squared_norms_at([self.snapshots[i] for i in seen], seen))
         big_pt = big_pt.double()
         if acc.amp_divisor is not None:
             big_pt = big_pt * acc.amp_divisor
@@ -647,6 +749,140 @@ class StatisticsTracker:
         self.estimator.update(m, skip)
         if m.examples is not None:
             self.last_examples = m.examples
+
+
+class _MicroBatchCapture:
+    """Each micro-batch's gradient as autograd hands it to ``.grad``, measured on arrival.
+
+    A tensor hook on each parameter sees the gradient g of one backward before autograd adds
+    it into ``.grad`` T (AccumulateGrad); with ``compute`` on it takes |g|², g·T and |T|² then,
+    while g is fresh (so |T + g|² = |T|² + 2 g·T + |g|² needs no snapshot). A post-accumulate
+    hook records which tensor ``.grad`` is afterwards and its version, so a later call can tell
+    whether anything else wrote ``.grad`` in between (:meth:`verdict`). Between two
+    ``accumulate_grad()`` calls each parameter's gradient must arrive once, through autograd;
+    anything else is "unknown" and measured otherwise.
+    """
+
+    def __init__(self, params: list[Tensor], compute: bool = False):
+        self.params = list(params)
+        self.compute = compute
+        self.handles = []
+        me = weakref.ref(self)
+        for i, p in enumerate(self.params):
+            if p.requires_grad and p.is_leaf:
+                # Unserializable: a pickled model comes back without them (the optimizer's copy re-hooks).
+                pre, post = functools.partial(_on_gradient, me, i), functools.partial(_after_gradient, me, i)
+                self.handles.append(p.register_hook(torch.utils.hooks.unserializable_hook(pre)))
+                self.handles.append(p.register_post_accumulate_grad_hook(torch.utils.hooks.unserializable_hook(post)))
+        self.clear()
+
+    def clear(self) -> None:
+        self.fired: dict[int, int] = {}  # position -> gradients handed to .grad since the last call
+        self.before: dict[int, tuple | None] = {}  # position -> (ref, version) of .grad when one arrived
+        self.after: dict[int, tuple] = {}  # position -> (ref, version) of .grad once it was added
+        self.norms: dict[int, tuple] = {}  # position -> (|g|², g·T or None, |T|² or None)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __del__(self):
+        self.close()
+
+    def __deepcopy__(self, memo):
+        # The copy hooks the copied parameters (those of a deep-copied model and optimizer).
+        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute)
+
+    def __reduce__(self):
+        return _MicroBatchCapture, (self.params, self.compute)
+
+    def verdict(self, i: int, grad: Tensor, seen: tuple | None) -> str:
+        """How ``.grad`` (``grad``) of position i got where it is since the last call, whose
+        record of it was ``seen`` (None: not continuing): "hooked" (exactly one gradient arrived
+        through autograd, onto the ``.grad`` seen, and nothing wrote it since), "unchanged" (the
+        same tensor, not written), or "unknown"."""
+        n = self.fired.get(i, 0)
+        if n == 0:
+            return "unchanged" if seen is not None and _same(seen, grad) else "unknown"
+        if n == 1 and _same(self.after.get(i), grad):
+            before = self.before.get(i)
+            if seen is None or (before is not None and seen[0] is not None and before[0]() is seen[0]()
+                                and before[1] == seen[1]):
+                return "hooked"
+        return "unknown"
+
+    def stacked(self, positions: list[int], device) -> tuple[Tensor, Tensor, Tensor]:
+        """(|g|², g·T, |T|²) of ``positions`` as fp64 vectors on ``device`` (0 for no T)."""
+        groups: dict = {}
+        for i in positions:
+            a, d, s = self.norms[i]
+            zero = groups.setdefault((a.device, a.dtype), ([], [], [], [], a.new_zeros(())))[4]
+            g = groups[(a.device, a.dtype)]
+            g[0].append(i)
+            g[1].append(a)
+            g[2].append(zero if d is None else d)
+            g[3].append(zero if s is None else s)
+        order = [i for g in groups.values() for i in g[0]]
+        cols = [torch.cat([torch.stack(g[k]).to(device, torch.float64) for g in groups.values()])
+                for k in (1, 2, 3)]
+        if order != positions:  # back to the order asked for
+            where = {i: k for k, i in enumerate(order)}
+            perm = torch.tensor([where[i] for i in positions], device=device)
+            cols = [c[perm] for c in cols]
+        return cols[0], cols[1], cols[2]
+
+
+def _same(record: tuple | None, grad: Tensor | None) -> bool:
+    """Whether ``grad`` is the tensor ``record`` = (weak ref, version) names, unwritten since."""
+    if record is None or grad is None:
+        return False
+    ref, version = record
+    return ref is not None and ref() is grad and grad._version == version
+
+
+def _flat(t: Tensor) -> Tensor:
+    t = _dense_real(t)
+    return (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).reshape(-1)
+
+
+def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
+    cap = capture_ref()
+    if cap is None:
+        return
+    n = cap.fired.get(i, 0)
+    cap.fired[i] = n + 1
+    if n:
+        return  # a second gradient in one micro-batch: the call measures it otherwise
+    old = cap.params[i].grad
+    cap.before[i] = None if old is None else (weakref.ref(old), old._version)
+    if cap.compute and not grad.is_sparse and (old is None or not old.is_sparse):
+        with torch.no_grad():
+            g = _flat(grad)
+            if old is None:
+                cap.norms[i] = (torch.dot(g, g), None, None)
+            else:
+                t = _flat(old)
+                cap.norms[i] = (torch.dot(g, g), torch.dot(g, t), torch.dot(t, t))
+
+
+def _after_gradient(capture_ref, i: int, param: Tensor) -> None:
+    cap = capture_ref()
+    if cap is not None and param.grad is not None:
+        cap.after[i] = (weakref.ref(param.grad), param.grad._version)
+
+
+_hooks_warned = False
+
+
+def _warn_hooks_failed() -> None:
+    global _hooks_warned
+    if not _hooks_warned:
+        _hooks_warned = True
+        warnings.warn(
+            "fastscale: accumulate_grad() found a gradient that did not arrive through autograd since the "
+            "last call (edited by hand, or two backward passes in one micro-batch): this step gives no "
+            "noise-scale measurement, and later ones are measured from snapshots of .grad", stacklevel=4)
 
 
 # Host bookkeeping of which .grad tensors an accumulation has seen, kept out of torch.compile:
