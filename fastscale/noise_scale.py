@@ -454,10 +454,12 @@ class _Accumulation:
 
     def __init__(self, hooks: bool = False):
         # hooks: each micro-batch's norms come from the gradients autograd hands to .grad
-        # (_MicroBatchCapture), and big_pt holds |.grad|² as of the last call; otherwise from
-        # the snapshots (StatisticsTracker.snapshots). broken: a hooked call could not be
-        # measured exactly, so this step gives no measurement.
+        # (_MicroBatchCapture), otherwise from the snapshots (StatisticsTracker.snapshots).
+        # cross: the hooks also take g·T, and big_pt holds |.grad|² as of the last call (for
+        # loops that edit .grad before the step); without it |.grad|² is the step's own norm.
+        # broken: a hooked call could not be measured exactly: this step gives no measurement.
         self.hooks = hooks
+        self.cross = False
         self.big_pt: Tensor | None = None
         self.broken = False
         self.loss_scales: list[float] = []
@@ -592,6 +594,7 @@ class StatisticsTracker:
         # --- all checks passed: write
         if acc is None:
             acc, kept = _Accumulation(hooks=self._hooks_trusted and not self._hooks_failed), set()
+            acc.cross = acc.hooks and self._capture is not None and self._capture.cross
         acc.seen = {i: v for i, v in acc.seen.items() if i in kept}  # reset ones are measured afresh
         divisor = _amp_divisor(grad_scaler, self.device)
         if acc.hooks:
@@ -654,10 +657,10 @@ class StatisticsTracker:
     @torch.compiler.disable
     def _from_hooks(self, acc: _Accumulation, params: list[Tensor], kept: set) -> Tensor | None:
         """Per-tensor |micro-batch gradient|² from what the hooks computed as each gradient
-        arrived (no snapshot: at most one read of the gradient, while it is fresh), and
-        ``acc.big_pt`` <- |.grad|² as of now. A continuing gradient the hooks cannot account
-        for (edited by hand, two backwards in one micro-batch) breaks the step: no measurement,
-        a warning, and snapshots from the next accumulation on."""
+        arrived (no snapshot: one read of the gradient, while it is fresh); with ``acc.cross``,
+        ``acc.big_pt`` <- |.grad|² now, as |T + g|² = |T|² + 2 g·T + |g|². A continuing gradient
+        the hooks cannot account for (edited by hand, two backwards in one micro-batch) breaks
+        the step: no measurement, a warning, and snapshots from the next accumulation on."""
         if self._capture is None:
             self._capture = _MicroBatchCapture(self.params)
         cap = self._capture
@@ -665,7 +668,9 @@ class StatisticsTracker:
         for p in params:
             i = self.index[p]
             verdict = cap.verdict(i, p.grad, acc.seen.get(i) if i in kept else None)
-            if verdict == "hooked" and i in cap.norms:
+            if verdict == "hooked" and i in cap.norms and (
+                    i in kept and (cap.norms[i][1] is not None or not acc.cross)
+                    or i not in kept and cap.before.get(i) is None):
                 hooked.append(i)
             elif verdict == "unchanged":
                 continue  # no gradient this micro-batch: 0, and |.grad|² as it was
@@ -681,12 +686,13 @@ class StatisticsTracker:
             acc.big_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
         micro = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
         if hooked:
-            a, d, s = cap.stacked(hooked, self.device)
-            total = s + 2 * d + a  # |T + g|² for .grad T before the micro-batch's gradient g
-            continuing = torch.tensor([i in kept for i in hooked], device=self.device)
+            a, d = cap.stacked(hooked, self.device)
             idx = self._index_of(hooked)
-            acc.big_pt.index_copy_(0, idx, total)
-            micro.index_copy_(0, idx, torch.where(continuing, a, total))
+            micro.index_copy_(0, idx, a)
+            if acc.cross:
+                continuing = torch.tensor([i in kept for i in hooked], device=self.device)
+                total = torch.where(continuing, acc.big_pt[idx] + 2 * d + a, a)  # |T + g|², T = .grad before g
+                acc.big_pt.index_copy_(0, idx, total)
         if direct:
             norms, positions = squared_norms_at([self.params[i].grad for i in direct], direct)
             sq, _ = self.per_tensor(norms, positions)
@@ -697,6 +703,26 @@ class StatisticsTracker:
         cap.clear()
         return micro
 
+    @torch.compiler.disable
+    def _big_from_hooks(self, acc: _Accumulation, seen: list[int], last_norms: Tensor, grad_scale: Tensor | None):
+        """|.grad|² per tensor as the last call saw it, for a hooked accumulation: from the
+        hooks' cross terms (``acc.cross``), or else the step's own norms when nothing edited
+        ``.grad`` since. A loop found editing ``.grad`` before the step gets cross terms from
+        the next accumulation on (this step: no measurement); one found not editing it, none."""
+        if acc.broken or self._capture is None:
+            return None, None
+        unedited = all(_same(acc.seen[i], self.params[i].grad) for i in seen)
+        self._capture.cross = not unedited
+        present = self.per_tensor([torch.ones(len(seen), device=self.device)], seen)[1]
+        if acc.cross:
+            return torch.where(present, acc.big_pt, 0.0), present
+        if not unedited:
+            return None, None
+        big_pt = torch.where(present, last_norms.to(self.device, torch.float64), 0.0)
+        if grad_scale is not None:  # the step's norms are of the unscaled gradient .grad / s
+            big_pt = big_pt * grad_scale.to(self.device, torch.float64).reshape(1).square()
+        return big_pt, present
+
     def _index_of(self, positions: list[int]) -> Tensor:
         key = tuple(positions)
         idx = self._indices.get(key)
@@ -704,7 +730,7 @@ class StatisticsTracker:
             idx = self._indices[key] = torch.tensor(positions, dtype=torch.long, device=self.device)
         return idx
 
-    def _finish_accumulation(self) -> Measurement | None:
+    def _finish_accumulation(self, last_norms: Tensor, grad_scale: Tensor | None) -> Measurement | None:
         """The accumulated micro-batches as one measurement; the big-batch norm is that of the
         raw accumulated gradient, read from the snapshots (never from a clipped .grad)."""
         acc = self._accumulation
@@ -720,11 +746,10 @@ class StatisticsTracker:
         b_big = total_c**2 / sum(ci * ci / bi for ci, bi in zip(c, sizes))
         b_small = k / sum(1.0 / bi for bi in sizes)  # mean of |G_i|²: variance term tr(Σ)·mean(1/b_i)
         seen = sorted(acc.seen)
-        if acc.broken:
-            return None
         if acc.hooks:
-            present = self.per_tensor([torch.ones(len(seen), device=self.device)], seen)[1]
-            big_pt = torch.where(present, acc.big_pt, 0.0)
+            big_pt, present = self._big_from_hooks(acc, seen, last_norms, grad_scale)
+            if big_pt is None:
+                return None
         else:
             big_pt, present = self.per_tensor(*squared_norms_at([self.snapshots[i] for i in seen], seen))
         big_pt = big_pt.double()
@@ -738,11 +763,11 @@ class StatisticsTracker:
         )
 
     # ----------------------------------------------------------------- the step
-    def on_step(self, last_norms: Tensor, skip: Tensor | None) -> None:
+    def on_step(self, last_norms: Tensor, skip: Tensor | None, grad_scale: Tensor | None = None) -> None:
         """After the optimizer step: keep the stepped gradient's norms and fold this step's
         measurement into the estimator (skipped on an AMP overflow, on the device)."""
         self.last_norms = last_norms
-        m = self._pending if self._pending is not None else self._finish_accumulation()
+        m = self._pending if self._pending is not None else self._finish_accumulation(last_norms, grad_scale)
         self.reset()
         if m is None or self.estimator is None:
             return
@@ -763,9 +788,10 @@ class _MicroBatchCapture:
     anything else is "unknown" and measured otherwise.
     """
 
-    def __init__(self, params: list[Tensor], compute: bool = False):
+    def __init__(self, params: list[Tensor], compute: bool = False, cross: bool = True):
         self.params = list(params)
-        self.compute = compute
+        self.compute = compute  # take the norms (once the hooks are trusted)
+        self.cross = cross  # take g·T too (the loop edits .grad between the last call and the step)
         self.handles = []
         me = weakref.ref(self)
         for i, p in enumerate(self.params):
@@ -780,7 +806,7 @@ class _MicroBatchCapture:
         self.fired: dict[int, int] = {}  # position -> gradients handed to .grad since the last call
         self.before: dict[int, tuple | None] = {}  # position -> (ref, version) of .grad when one arrived
         self.after: dict[int, tuple] = {}  # position -> (ref, version) of .grad once it was added
-        self.norms: dict[int, tuple] = {}  # position -> (|g|², g·T or None, |T|² or None)
+        self.norms: dict[int, tuple] = {}  # position -> (|g|², g·T or None)
 
     def close(self) -> None:
         for h in self.handles:
@@ -792,10 +818,10 @@ class _MicroBatchCapture:
 
     def __deepcopy__(self, memo):
         # The copy hooks the copied parameters (those of a deep-copied model and optimizer).
-        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute)
+        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute, self.cross)
 
     def __reduce__(self):
-        return _MicroBatchCapture, (self.params, self.compute)
+        return _MicroBatchCapture, (self.params, self.compute, self.cross)
 
     def verdict(self, i: int, grad: Tensor, seen: tuple | None) -> str:
         """How ``.grad`` (``grad``) of position i got where it is since the last call, whose
@@ -812,25 +838,24 @@ class _MicroBatchCapture:
                 return "hooked"
         return "unknown"
 
-    def stacked(self, positions: list[int], device) -> tuple[Tensor, Tensor, Tensor]:
-        """(|g|², g·T, |T|²) of ``positions`` as fp64 vectors on ``device`` (0 for no T)."""
+    def stacked(self, positions: list[int], device) -> tuple[Tensor, Tensor]:
+        """(|g|², g·T) of ``positions`` as fp64 vectors on ``device`` (g·T 0 where not taken)."""
         groups: dict = {}
         for i in positions:
-            a, d, s = self.norms[i]
-            zero = groups.setdefault((a.device, a.dtype), ([], [], [], [], a.new_zeros(())))[4]
-            g = groups[(a.device, a.dtype)]
+            a, d = self.norms[i]
+            g = groups.get((a.device, a.dtype))
+            if g is None:
+                g = groups[(a.device, a.dtype)] = ([], [], [], a.new_zeros(()))
             g[0].append(i)
             g[1].append(a)
-            g[2].append(zero if d is None else d)
-            g[3].append(zero if s is None else s)
+            g[2].append(g[3] if d is None else d)
+        cols = [torch.cat([torch.stack(g[k]).to(device, torch.float64) for g in groups.values()]) for k in (1, 2)]
         order = [i for g in groups.values() for i in g[0]]
-        cols = [torch.cat([torch.stack(g[k]).to(device, torch.float64) for g in groups.values()])
-                for k in (1, 2, 3)]
         if order != positions:  # back to the order asked for
             where = {i: k for k, i in enumerate(order)}
             perm = torch.tensor([where[i] for i in positions], device=device)
             cols = [c[perm] for c in cols]
-        return cols[0], cols[1], cols[2]
+        return cols[0], cols[1]
 
 
 def _same(record: tuple | None, grad: Tensor | None) -> bool:
@@ -846,6 +871,9 @@ def _flat(t: Tensor) -> Tensor:
     return (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).reshape(-1)
 
 
+# Hooks run eagerly inside autograd; under a torch.compile'd training step dynamo would trace
+# them (and recompile per parameter position): kept out.
+@torch.compiler.disable
 def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
     cap = capture_ref()
     if cap is None:
@@ -859,13 +887,11 @@ def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
     if cap.compute and not grad.is_sparse and (old is None or not old.is_sparse):
         with torch.no_grad():
             g = _flat(grad)
-            if old is None:
-                cap.norms[i] = (torch.dot(g, g), None, None)
-            else:
-                t = _flat(old)
-                cap.norms[i] = (torch.dot(g, g), torch.dot(g, t), torch.dot(t, t))
+            cross = None if old is None or not cap.cross else torch.dot(g, _flat(old))
+            cap.norms[i] = (torch.dot(g, g), cross)
 
 
+@torch.compiler.disable
 def _after_gradient(capture_ref, i: int, param: Tensor) -> None:
     cap = capture_ref()
     if cap is not None and param.grad is not None:

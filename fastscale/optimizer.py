@@ -359,7 +359,7 @@ class FusedScaledSGD(Optimizer):
                     if b is not None:
                         self.state[p]["momentum_buffer"] = b
         last, _ = self.statistics.per_tensor(norms, positions)
-        self.statistics.on_step(last, found_inf)
+        self.statistics.on_step(last, found_inf, grad_scale)
         if found_inf is None:
             self._step_count.add_(1)
         else:
