@@ -613,8 +613,7 @@ class StatisticsTracker:
         acc.batch_sizes.append(batch_size)
         acc.amp_divisor = divisor
         acc.default_total = default_total  # as it was while the micro-batches were taken
-        for p in params:
-            _remember_grad(acc.seen, self.index[p], p.grad)
+        _remember_grads(acc.seen, self.index, params)
         self._accumulation = acc
 
     def _from_snapshots(self, params_by_bucket, accumulate_op, kept: set) -> Tensor:
@@ -711,8 +710,7 @@ class StatisticsTracker:
         the next accumulation on (this step: no measurement); one found not editing it, none."""
         if acc.broken or self._capture is None:
             return None, None
-        unedited = all(_same(acc.seen[i], self.params[i].grad) for i in seen)
-        self._capture.cross = not unedited
+        unedited = not self._learn_cross(acc, seen)
         present = self.per_tensor([torch.ones(len(seen), device=self.device)], seen)[1]
         if acc.cross:
             return torch.where(present, acc.big_pt, 0.0), present
@@ -722,6 +720,16 @@ class StatisticsTracker:
         if grad_scale is not None:  # the step's norms are of the unscaled gradient .grad / s
             big_pt = big_pt * grad_scale.to(self.device, torch.float64).reshape(1).square()
         return big_pt, present
+
+    @torch.compiler.disable
+    def _learn_cross(self, acc: _Accumulation, seen: list[int]) -> bool:
+        """Whether the loop edited ``.grad`` between the last call and the step (clipping,
+        unscaling): if so the hooks take the cross terms from the next accumulation on. Learned
+        from snapshot-measured steps too, so the first hooked step already knows."""
+        edited = not all(_same(acc.seen[i], self.params[i].grad) for i in seen)
+        if self._capture is not None:
+            self._capture.cross = edited
+        return edited
 
     def _index_of(self, positions: list[int]) -> Tensor:
         key = tuple(positions)
@@ -751,6 +759,7 @@ class StatisticsTracker:
             if big_pt is None:
                 return None
         else:
+            self._learn_cross(acc, seen)
             big_pt, present = self.per_tensor(*squared_norms_at([self.snapshots[i] for i in seen], seen))
         big_pt = big_pt.double()
         if acc.amp_divisor is not None:
@@ -866,14 +875,22 @@ def _same(record: tuple | None, grad: Tensor | None) -> bool:
     return ref is not None and ref() is grad and grad._version == version
 
 
-def _flat(t: Tensor) -> Tensor:
-    t = _dense_real(t)
-    return (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).reshape(-1)
+def _outside_dynamo(fn):
+    """Hooks run eagerly inside autograd; under a torch.compile'd training step dynamo would
+    trace them (and recompile per parameter position). Their frames are skipped outright (no
+    wrapper: they run twice per parameter and micro-batch), so they call no Python function."""
+    try:
+        from torch._dynamo.eval_frame import skip_code
+    except ImportError:  # another torch: the (costlier) wrapper
+        return torch.compiler.disable(fn)
+    skip_code(fn.__code__)
+    return fn
 
 
-# Hooks run eagerly inside autograd; under a torch.compile'd training step dynamo would trace
-# them (and recompile per parameter position): kept out.
-@torch.compiler.disable
+_LOW = (torch.float16, torch.bfloat16)
+
+
+@_outside_dynamo
 def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
     cap = capture_ref()
     if cap is None:
@@ -885,13 +902,19 @@ def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
     old = cap.params[i].grad
     cap.before[i] = None if old is None else (weakref.ref(old), old._version)
     if cap.compute and not grad.is_sparse and (old is None or not old.is_sparse):
-        with torch.no_grad():
-            g = _flat(grad)
-            cross = None if old is None or not cap.cross else torch.dot(g, _flat(old))
-            cap.norms[i] = (torch.dot(g, g), cross)
+        # |g|² (and g·T) in the compute dtype, complex as (re, im) pairs; detached, so a
+        # create_graph backward records nothing.
+        g = grad.detach()
+        g = (torch.view_as_real(g) if g.is_complex() else g.float() if g.dtype in _LOW else g).reshape(-1)
+        cross = None
+        if old is not None and cap.cross:
+            t = old.detach()
+            t = (torch.view_as_real(t) if t.is_complex() else t.float() if t.dtype in _LOW else t).reshape(-1)
+            cross = torch.dot(g, t)
+        cap.norms[i] = (torch.dot(g, g), cross)
 
 
-@torch.compiler.disable
+@_outside_dynamo
 def _after_gradient(capture_ref, i: int, param: Tensor) -> None:
     cap = capture_ref()
     if cap is not None and param.grad is not None:
@@ -925,8 +948,9 @@ def _grads_since(seen: dict, now: dict) -> tuple[set, bool]:
 
 
 @torch.compiler.disable
-def _remember_grad(seen: dict, position: int, grad: Tensor) -> None:
-    seen[position] = (weakref.ref(grad), grad._version)
+def _remember_grads(seen: dict, index: dict, params: list) -> None:
+    for p in params:  # .grad read here, not where dynamo traces: it would guard on each tensor's identity
+        seen[index[p]] = (weakref.ref(p.grad), p.grad._version)
 
 
 def _dense_real(t: Tensor) -> Tensor:
