@@ -668,8 +668,7 @@ class StatisticsTracker:
             i = self.index[p]
             verdict = cap.verdict(i, p.grad, acc.seen.get(i) if i in kept else None)
             if verdict == "hooked" and i in cap.norms and (
-                    i in kept and (cap.norms[i][1] is not None or not acc.cross)
-                    or i not in kept and cap.before.get(i) is None):
+                    i in kept and (cap.norms[i] or not acc.cross) or i not in kept and cap.before.get(i) is None):
                 hooked.append(i)
             elif verdict == "unchanged":
                 continue  # no gradient this micro-batch: 0, and |.grad|² as it was
@@ -683,15 +682,17 @@ class StatisticsTracker:
                 direct.append(i)  # first seen in this accumulation: its whole .grad is the micro-batch
         if acc.big_pt is None:
             acc.big_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
-        micro = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
         if hooked:
-            a, d = cap.stacked(hooked, self.device)
-            idx = self._index_of(hooked)
-            micro.index_copy_(0, idx, a)
+            a, d = cap.gathered(len(self.params), self.device)
+            micro = torch.where(self._mask_of(hooked), a, 0.0)
             if acc.cross:
-                continuing = torch.tensor([i in kept for i in hooked], device=self.device)
-                total = torch.where(continuing, acc.big_pt[idx] + 2 * d + a, a)  # |T + g|², T = .grad before g
-                acc.big_pt.index_copy_(0, idx, total)
+                continuing = self._mask_of([i for i in hooked if i in kept])
+                fresh = self._mask_of([i for i in hooked if i not in kept])
+                big = acc.big_pt
+                total = torch.where(continuing, big + 2 * d + a, big)  # |T + g|², T = .grad before g
+                acc.big_pt = torch.where(fresh, a, total)
+        else:
+            micro = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
         if direct:
             norms, positions = squared_norms_at([self.params[i].grad for i in direct], direct)
             sq, _ = self.per_tensor(norms, positions)
@@ -730,6 +731,15 @@ class StatisticsTracker:
         if self._capture is not None:
             self._capture.cross = edited
         return edited
+
+    def _mask_of(self, positions: list[int]) -> Tensor:
+        key = ("mask", *positions)
+        mask = self._indices.get(key)
+        if mask is None:  # once per set of positions, as for indices
+            mask = torch.zeros(len(self.params), dtype=torch.bool)
+            mask[positions] = True
+            mask = self._indices[key] = mask.to(self.device)
+        return mask
 
     def _index_of(self, positions: list[int]) -> Tensor:
         key = tuple(positions)
@@ -802,6 +812,19 @@ class _MicroBatchCapture:
         self.compute = compute  # take the norms (once the hooks are trusted)
         self.cross = cross  # take g·T too (the loop edits .grad between the last call and the step)
         self.handles = []
+        # The hooks write |g|² and g·T straight into one buffer per (device, compute dtype), a
+        # 0-dim view per parameter, so a call reads them with a few ops whatever the count.
+        self.groups: dict = {}  # (device, dtype) -> [positions, |g|² buffer, g·T buffer]
+        self.slots: dict[int, tuple] = {}  # position -> (|g|² view, g·T view)
+        for i, p in enumerate(self.params):
+            dtype = torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
+            group = self.groups.setdefault((p.device, dtype), [[], None, None])
+            group[0].append(i)
+        for (device, dtype), group in self.groups.items():
+            group[1] = torch.zeros(len(group[0]), dtype=dtype, device=device)
+            group[2] = torch.zeros(len(group[0]), dtype=dtype, device=device)
+            for row, i in enumerate(group[0]):
+                self.slots[i] = (group[1][row], group[2][row])
         me = weakref.ref(self)
         for i, p in enumerate(self.params):
             if p.requires_grad and p.is_leaf:
@@ -815,7 +838,7 @@ class _MicroBatchCapture:
         self.fired: dict[int, int] = {}  # position -> gradients handed to .grad since the last call
         self.before: dict[int, tuple | None] = {}  # position -> (ref, version) of .grad when one arrived
         self.after: dict[int, tuple] = {}  # position -> (ref, version) of .grad once it was added
-        self.norms: dict[int, tuple] = {}  # position -> (|g|², g·T or None)
+        self.norms: dict[int, bool] = {}  # position -> whether g·T was taken (its slots are this micro-batch's)
 
     def close(self) -> None:
         for h in self.handles:
@@ -847,24 +870,20 @@ class _MicroBatchCapture:
                 return "hooked"
         return "unknown"
 
-    def stacked(self, positions: list[int], device) -> tuple[Tensor, Tensor]:
-        """(|g|², g·T) of ``positions`` as fp64 vectors on ``device`` (g·T 0 where not taken)."""
-        groups: dict = {}
-        for i in positions:
-            a, d = self.norms[i]
-            g = groups.get((a.device, a.dtype))
-            if g is None:
-                g = groups[(a.device, a.dtype)] = ([], [], [], a.new_zeros(()))
-            g[0].append(i)
-            g[1].append(a)
-            g[2].append(g[3] if d is None else d)
-        cols = [torch.cat([torch.stack(g[k]).to(device, torch.float64) for g in groups.values()]) for k in (1, 2)]
-        order = [i for g in groups.values() for i in g[0]]
-        if order != positions:  # back to the order asked for
-            where = {i: k for k, i in enumerate(order)}
-            perm = torch.tensor([where[i] for i in positions], device=device)
-            cols = [c[perm] for c in cols]
-        return cols[0], cols[1]
+    def gathered(self, n: int, device) -> tuple[Tensor, Tensor]:
+        """The |g|² and g·T buffers as fp64 vectors over all ``n`` positions on ``device``
+        (stale where no gradient arrived this micro-batch: the caller masks them)."""
+        if len(self.groups) == 1:
+            (positions, a, d), = self.groups.values()
+            if len(positions) == n:
+                return a.to(device, torch.float64), d.to(device, torch.float64)
+        out_a = torch.zeros(n, dtype=torch.float64, device=device)
+        out_d = torch.zeros(n, dtype=torch.float64, device=device)
+        for positions, a, d in self.groups.values():
+            idx = torch.tensor(positions, device=device)
+            out_a.index_copy_(0, idx, a.to(device, torch.float64))
+            out_d.index_copy_(0, idx, d.to(device, torch.float64))
+        return out_a, out_d
 
 
 def _same(record: tuple | None, grad: Tensor | None) -> bool:
@@ -906,12 +925,20 @@ def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
         # create_graph backward records nothing.
         g = grad.detach()
         g = (torch.view_as_real(g) if g.is_complex() else g.float() if g.dtype in _LOW else g).reshape(-1)
-        cross = None
-        if old is not None and cap.cross:
+        a, d = cap.slots[i]
+        if a.dtype != g.dtype or a.device != g.device:  # cast or moved since: a copy
+            a.copy_(torch.dot(g, g))
+        else:
+            torch.dot(g, g, out=a)
+        cross = old is not None and cap.cross
+        if cross:
             t = old.detach()
             t = (torch.view_as_real(t) if t.is_complex() else t.float() if t.dtype in _LOW else t).reshape(-1)
-            cross = torch.dot(g, t)
-        cap.norms[i] = (torch.dot(g, g), cross)
+            if d.dtype != g.dtype or d.device != g.device:
+                d.copy_(torch.dot(g, t))
+            else:
+                torch.dot(g, t, out=d)
+        cap.norms[i] = cross
 
 
 @_outside_dynamo
