@@ -595,6 +595,8 @@ class StatisticsTracker:
         if acc is None:
             acc, kept = _Accumulation(hooks=self._hooks_trusted and not self._hooks_failed), set()
             acc.cross = acc.hooks and self._capture is not None and self._capture.cross
+            if acc.hooks:
+                self.snapshots = [None] * len(self.params)  # their memory back: hooks from now on
         acc.seen = {i: v for i, v in acc.seen.items() if i in kept}  # reset ones are measured afresh
         divisor = _amp_divisor(grad_scaler, self.device)
         if acc.hooks:

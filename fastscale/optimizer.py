@@ -438,8 +438,10 @@ class FusedScaledSGD(Optimizer):
 
         Call it after each micro-batch's backward. ``.grad`` keeps accumulating as usual (so
         gradient clipping and GradScaler's inf check see the whole gradient, and ``step()``
-        matches plain accumulation); this takes each micro-batch's squared gradient norm in one
-        fused pass, for the noise-scale estimate (B_small = micro-batch, B_big = all of them).
+        matches plain accumulation); this takes each micro-batch's squared gradient norm, for
+        the noise-scale estimate (B_small = micro-batch, B_big = all of them): from a snapshot
+        of ``.grad`` in one fused pass, or, once a step has shown every gradient arriving
+        through autograd, from hooks that read each gradient as autograd adds it to ``.grad``.
         The big-batch norm is that of the accumulated gradient as the last call saw it, so
         clipping or unscaling ``.grad`` before ``step()`` does not change the statistics.
 

@@ -326,6 +326,7 @@ def test_hooked_norms_equal_the_snapshot_path(dtype, reset, clip, impl):
         assert not loop_step(twin, ref, batches, dtype, reset, clip=clip)
         assert_same_figures(opt, ref, rtol)
     assert hooked == [False] + [True] * (len(patterns) - 1)
+    assert all(snap is None for snap in opt.statistics.snapshots)  # no parameter-sized buffer kept
 
 
 def two_backwards(model, i, x, y, expert):
