@@ -294,6 +294,18 @@ def loop_step(model, opt, batches, dtype, reset="opt", clip=None, edit=None):
     return hooked
 
 
+def hooked_and_snapshot(seed, dtype, batch_size, impl):
+    """Two identical models and optimizers; the second measures from snapshots only (the path
+    the hooks replace: their oracle)."""
+    torch.manual_seed(seed)
+    model = Net().to(dtype)
+    twin = copy.deepcopy(model)
+    opt = FusedScaledSGD(model.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, batch_size=batch_size, **impl)
+    ref = FusedScaledSGD(twin.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, batch_size=batch_size, **impl)
+    ref.statistics._hooks_failed = True
+    return model, opt, twin, ref
+
+
 def assert_same_figures(opt, ref, rtol):
     """|G|², tr(Σ), total and per tensor, equal up to ``rtol`` of their size; |G|² is a
     difference of terms of the size of tr(Σ)/B, so its rounding is relative to tr(Σ) (check())."""
@@ -310,12 +322,7 @@ def test_hooked_norms_equal_the_snapshot_path(dtype, reset, clip, impl):
     """Three micro-batches, an expert whose gradient appears late (or not at all), with or
     without clipping before the step (|.grad|² from the hooks' cross terms, or the step's own
     norm), each way of resetting: every figure equals the snapshot path's."""
-    torch.manual_seed(5)
-    model = Net().to(dtype)
-    twin = copy.deepcopy(model)
-    opt = FusedScaledSGD(model.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, batch_size=18, **impl)
-    ref = FusedScaledSGD(twin.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, batch_size=18, **impl)
-    ref.statistics._hooks_failed = True  # snapshots only: the path the hooks replace
+    model, opt, twin, ref = hooked_and_snapshot(5, dtype, 18, impl)
     patterns = [[True] * 3, [False, True, True], [True, False, True], [False, False, True], [False] * 3, [True] * 3]
     hooked = []
     # The snapshot kernels return squared norms rounded to fp32, the hooks in the gradient's dtype.
@@ -353,12 +360,7 @@ def test_a_gradient_the_hooks_cannot_account_for(edit, monkeypatch, impl):
     cannot be measured exactly, so it gives no measurement (and warns); from the next step on
     the snapshot path measures, exactly as a loop that never trusted the hooks."""
     monkeypatch.setattr(noise_scale, "_hooks_warned", False)
-    torch.manual_seed(6)
-    model = Net().double()
-    twin = copy.deepcopy(model)
-    opt = FusedScaledSGD(model.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, batch_size=12, **impl)
-    ref = FusedScaledSGD(twin.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, batch_size=12, **impl)
-    ref.statistics._hooks_failed = True
+    model, opt, twin, ref = hooked_and_snapshot(6, torch.float64, 12, impl)
     for step in range(2):
         batches = micro_batches(2, seed=step)
         loop_step(model, opt, batches, torch.float64)
@@ -380,12 +382,7 @@ def test_a_loop_that_starts_clipping_loses_one_measurement(impl):
     """Unclipped steps take |.grad|² from the step; the first clipped one finds .grad edited
     since the last call and gives no measurement; from then on the hooks take the cross terms
     and every step is measured as the snapshot path measures it."""
-    torch.manual_seed(7)
-    model = Net().double()
-    twin = copy.deepcopy(model)
-    opt = FusedScaledSGD(model.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, batch_size=12, **impl)
-    ref = FusedScaledSGD(twin.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, batch_size=12, **impl)
-    ref.statistics._hooks_failed = True
+    model, opt, twin, ref = hooked_and_snapshot(7, torch.float64, 12, impl)
     for step in range(7):
         clip = None if step < 4 else 1e-3
         updates = opt.statistics.estimator.updates.clone()
