@@ -829,7 +829,9 @@ class _MicroBatchCapture:
                 self.slots[i] = (group[1][row], group[2][row])
         me = weakref.ref(self)
         for i, p in enumerate(self.params):
-            if p.requires_grad and p.is_leaf:
+            # Plain tensors only: a tensor subclass (a DTensor shard) is left to the snapshots,
+            # its gradients never arrive "through the hooks", so the hooks are never trusted.
+            if p.requires_grad and p.is_leaf and type(p.data) is torch.Tensor:
                 # Unserializable: a pickled model comes back without them (the optimizer's copy re-hooks).
                 pre, post = functools.partial(_on_gradient, me, i), functools.partial(_after_gradient, me, i)
                 self.handles.append(p.register_hook(torch.utils.hooks.unserializable_hook(pre)))
