@@ -6,8 +6,11 @@ from ._extension import build_info
 from .noise_scale import NoiseScaleConfig
 from .optimizer import FusedScaledSGD
 from .per_example import PerExampleGradNorms
+from .schedules import (AdaptiveBatchSize, BatchSizeSampler, BatchSizeSchedule, LinearRampBatchSize,
+                        StepBatchSize)
 
-__all__ = ["FusedScaledSGD", "NoiseScaleConfig", "PerExampleGradNorms", "build_info", "ops"]
+__all__ = ["AdaptiveBatchSize", "BatchSizeSampler", "BatchSizeSchedule", "FusedScaledSGD", "LinearRampBatchSize",
+           "NoiseScaleConfig", "PerExampleGradNorms", "StepBatchSize", "build_info", "ops"]
 __version__ = "0.1.0"
 
 _extension.load()  # registers the compiled kernels now, before any op is called (never silently skipped)

@@ -67,7 +67,7 @@ def fused_scaled_sgd(
         return _differentiable_sgd(params, grads, momentum_buffer_list, lr=lr, weight_decay=weight_decay,
                                    momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
                                    grad_scale=grad_scale, found_inf=found_inf)
-    op = reference.fused_sgd_ if fused is False else ops.fused_sgd_
+    op = ops.pure_torch.fused_sgd_ if fused is False else ops.fused_sgd_
     if isinstance(weight_decay, Tensor):
         weight_decay = weight_decay.item()  # the op takes a float: a tensor one is read on the host
     buckets: dict = {}

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference, sharded
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,11 @@ class Measurement:
     union (both 1-element fp64 tensors). ``small_pt``/``big_pt``: the same per parameter
     tensor (fp32, indexed like the optimizer's parameters), ``present``: which tensors had a
     gradient. ``examples``: examples behind the step.
+
+    With DTensor parameters (:mod:`fastscale.sharded`): ``local_pt`` names the per-tensor fields
+    that hold this rank's shards only (their totals follow them), ``local_examples`` says that
+    ``small_sq``/``small_pt`` are over this rank's examples only; both are made whole by the
+    step's one collective. Without DTensors, local is whole and both are ignored.
     """
 
     small_sq: Tensor
@@ -135,6 +140,8 @@ class Measurement:
     big_pt: Tensor | None = None
     present: Tensor | None = None
     examples: float | None = None
+    local_pt: tuple = ()
+    local_examples: bool = False
 
 
 class NoiseScaleEstimator:
@@ -488,6 +495,7 @@ class StatisticsTracker:
         self.device = device
         self.params = list(params)
         self.index = {p: i for i, p in enumerate(self.params)}
+        self.shards = sharded.ShardLayout.of(self.params, device)  # None unless DTensors; raises for bad mixes
         if estimator is None and config is not None:
             estimator = NoiseScaleEstimator(config, len(self.params), device)
         self.estimator = estimator
@@ -501,6 +509,9 @@ class StatisticsTracker:
         # Micro-batch norms from autograd hooks instead of snapshots, once a whole accumulation
         # showed every gradient arriving through them (see _MicroBatchCapture).
         self._capture: _MicroBatchCapture | None = None
+        # Plain tensors only (a DTensor shard's gradient is left to the snapshots): otherwise no
+        # hook is ever registered, and nothing of the hooked path runs, compiled or not.
+        self._hookable = bool(self.params) and all(type(p.data) is torch.Tensor for p in self.params)
         self._hooks_trusted = False
         self._hooks_failed = False  # a hooked step could not be measured: snapshots from then on
 
@@ -603,7 +614,8 @@ class StatisticsTracker:
             sq_pt = self._from_hooks(acc, params, kept)
         else:
             sq_pt = self._from_snapshots(params_by_bucket, accumulate_op, kept)
-            self._watch_hooks(acc, params, kept)
+            if self._hookable and not self._hooks_failed:
+                self._watch_hooks(acc, params, kept)
         if sq_pt is None:
             sq_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
         sq_pt = sq_pt.double()
@@ -771,7 +783,8 @@ class StatisticsTracker:
             if big_pt is None:
                 return None
         else:
-            self._learn_cross(acc, seen)
+            if self._capture is not None:
+                self._learn_cross(acc, seen)
             big_pt, present = self.per_tensor(*squared_norms_at([self.snapshots[i] for i in seen], seen))
         big_pt = big_pt.double()
         if acc.amp_divisor is not None:
@@ -781,6 +794,7 @@ class StatisticsTracker:
         return Measurement(
             small_sq=small_pt.sum().reshape(1), big_sq=big_pt.sum().reshape(1), b_small=b_small, b_big=b_big,
             small_pt=small_pt.float(), big_pt=big_pt.float(), present=present, examples=float(sum(sizes)),
+            local_pt=("small_pt", "big_pt"),  # from this rank's gradients: whole once summed over shards
         )
 
     # ----------------------------------------------------------------- the step
@@ -790,6 +804,8 @@ class StatisticsTracker:
         self.last_norms = last_norms
         m = self._pending if self._pending is not None else self._finish_accumulation(last_norms, grad_scale)
         self.reset()
+        if self.shards is not None:  # DTensor parameters: the step's one collective
+            self.last_norms, m = self.shards.sum_over_shards(last_norms, m)
         if m is None or self.estimator is None:
             return
         self.estimator.update(m, skip)
@@ -895,7 +911,7 @@ def _same(record: tuple | None, grad: Tensor | None) -> bool:
     if record is None or grad is None:
         return False
     ref, version = record
-    return ref is not None and ref() is grad and grad._version == version
+    return ref is not None and ref() is grad and sharded.version(grad) == version
 
 
 def _outside_dynamo(fn):
@@ -974,18 +990,20 @@ def _grads_since(seen: dict, now: dict) -> tuple[set, bool]:
     since then). A .grad that is another tensor (or None) was reset: it counts afresh; if every
     one was, the loop reset the gradients outside the optimizer and a new accumulation starts."""
     kept = {i for i, (ref, _) in seen.items() if ref is not None and ref() is not None and ref() is now.get(i)}
-    unchanged = bool(now) and all(i in kept and seen[i][1] == g._version for i, g in now.items())
+    unchanged = bool(now) and all(i in kept and seen[i][1] == sharded.version(g) for i, g in now.items())
     return kept, unchanged
 
 
 @torch.compiler.disable
 def _remember_grads(seen: dict, index: dict, params: list) -> None:
     for p in params:  # .grad read here, not where dynamo traces: it would guard on each tensor's identity
-        seen[index[p]] = (weakref.ref(p.grad), p.grad._version)
+        seen[index[p]] = (weakref.ref(p.grad), sharded.version(p.grad))
 
 
 def _dense_real(t: Tensor) -> Tensor:
-    """What a squared norm is summed over: complex as (re, im) pairs, sparse as its values."""
+    """What a squared norm is summed over: complex as (re, im) pairs, sparse as its values, a
+    DTensor as its local shard (summed over shards at the step)."""
+    t = sharded.local(t)
     if t.is_sparse:
         t = t.coalesce()._values()
     return torch.view_as_real(t) if t.is_complex() else t

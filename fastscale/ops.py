@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from . import _extension, reference
+from . import _extension, reference, sharded
 
 _lib = torch.library.Library("fastscale", "DEF")
 
@@ -57,8 +57,22 @@ def accumulate_grad_(snapshots, grads, **kwargs) -> Tensor:
     return torch.ops.fastscale.accumulate_grad_(snapshots, grads, **kwargs)
 
 
+# DTensors (FSDP2, tensor parallelism): every op runs on the local shards and returns local
+# partial norms, which fastscale.sharded sums over the shards once per step. Why an explicit
+# unwrap rather than a sharding strategy is argued in fastscale/sharded.py's docstring; a new
+# op registers the same rule here.
+if sharded.DTensor is not None:
+    for _name in ("fused_sgd_", "accumulate_grad_"):
+        torch.library.register_torch_dispatch(f"fastscale::{_name}", sharded.DTensor, sharded.dtensor_rule)
+
+
+def _twin(fn):
+    """A pure-torch twin called directly follows the ops' DTensor rule too."""
+    return lambda *args, **kwargs: sharded.on_local_shards(fn, args, kwargs)
+
+
 # The pure-torch twins called directly, bypassing the dispatcher: fused=False / foreach=.
-pure_torch = SimpleNamespace(fused_sgd_=reference.fused_sgd_, accumulate_grad_=reference.accumulate_grad_)
+pure_torch = SimpleNamespace(fused_sgd_=_twin(reference.fused_sgd_), accumulate_grad_=_twin(reference.accumulate_grad_))
 _warned: set[str] = set()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import warnings
 
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import ops
+from . import ops, sharded
 from . import scaling as lr_scaling
 from .functional import check_sparse, fused_scaled_sgd
 from .noise_scale import (
@@ -36,7 +35,6 @@ from .noise_scale import (
 _REAL = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _COMPLEX = (torch.complex64, torch.complex128)
 _STATE_KEY = "fastscale"  # non-parameter key of the state dict: never cast to a param's dtype
-_DTYPE, _DEVICE, _IS_SPARSE = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("is_sparse")
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach", "fused",
              "differentiable")
 
@@ -306,7 +304,7 @@ class FusedScaledSGD(Optimizer):
         What depends only on which tensors these are (duplicates, compiled kernels for their
         devices, their statistics positions) is checked once per set of tensors and kept as the
         group's :class:`_Plan`; what can change between steps (dtypes, sparse gradients) is
-        checked every step, with C-level passes over the lists."""
+        checked every step."""
         params = [p for p in group["params"] if p.grad is not None]
         flags = (group["fused"], group["foreach"], group["differentiable"])
         plan = self._plans.get(index)
@@ -316,17 +314,20 @@ class FusedScaledSGD(Optimizer):
             if len(set(key)) != len(params):  # listed twice (torch warns): stepped once
                 params = list({id(p): p for p in params}.values())
         grads = [p.grad for p in params]
-        dtypes = set(map(_DTYPE, params))
-        if len(dtypes) > 1 or not dtypes <= _ALLOWED or set(map(_DTYPE, grads)) != dtypes:
+        if self.statistics.shards is not None:  # DTensor parameters: each gradient laid out as its parameter
+            sharded.check_grads(params, grads)
+        # (Comprehensions, not map(attrgetter): dynamo traces these when the step is compiled.)
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1 or not dtypes <= _ALLOWED or {g.dtype for g in grads} != dtypes:
             for p in params:
                 _check_dtypes(p)
-        sparse = any(map(_IS_SPARSE, grads))
+        sparse = any(g.is_sparse for g in grads)
         if sparse:
             if group["fused"] or group["differentiable"]:
                 raise RuntimeError("sparse gradients need fused=None or False and differentiable=False")
             check_sparse(grads, group["weight_decay"])
         if plan is None:
-            devices = set(map(_DEVICE, params))
+            devices = {p.device for p in params}
             if group["fused"] is None and group["foreach"] is None and not group["differentiable"]:
                 for device_type in {d.type for d in devices}:
                     ops.check_native(device_type, required=False)
@@ -344,7 +345,7 @@ class FusedScaledSGD(Optimizer):
             # function then takes them as one bucket without grouping them again.
             self._plans[index] = plan = _Plan(
                 tuple(map(id, params)), flags, params[0].device if params else None, dtypes,
-                len(devices if plan is None else set(map(_DEVICE, params))) == 1 and len(dtypes) == 1,
+                len(devices if plan is None else {p.device for p in params}) == 1 and len(dtypes) == 1,
                 self.statistics.positions(params))
         return params, grads, bufs, plan.uniform and not sparse
 
@@ -353,7 +354,7 @@ class FusedScaledSGD(Optimizer):
         statistics; any other change of the parameter lists is refused before anything is written."""
         known = self.statistics.params
         listed = [p for group in self.param_groups for p in group["params"]]
-        if len(listed) == len(known) and all(map(operator.is_, listed, known)):
+        if len(listed) == len(known) and all(a is b for a, b in zip(listed, known)):
             return  # as they were (each once): the common case, without hashing every tensor
         params = self._all_params()
         if len(params) == len(known) and all(a is b for a, b in zip(params, known)):
@@ -464,6 +465,10 @@ class FusedScaledSGD(Optimizer):
         check_grad_scaler(grad_scaler)
         self._check_params()
         buckets = self._buckets_for_accumulation()
+        if not buckets and self.statistics.shards is not None:
+            warnings.warn("fastscale: accumulate_grad() found no gradient; under FSDP2's set_requires_gradient_sync"
+                          "(False) the sharded gradients appear only after the last micro-batch, so nothing is "
+                          "measured: synchronise every micro-batch, or use per-example norms", stacklevel=2)
         if self.statistics.estimator is None:
             return  # nothing would use the measurement: no pass, no snapshots
         self.statistics.accumulate(
@@ -486,7 +491,10 @@ class FusedScaledSGD(Optimizer):
         if sq_norms.numel() < 2:
             raise ValueError(f"sq_norms must hold at least 2 examples, got {sq_norms.numel()}")
         sq = sq_norms.detach().to(self.statistics.device).double().mean().reshape(1)
-        self.observe_small_batch_norms(sq, 1, sq_norms.numel(), loss_scale, grad_scaler)
+        examples, shards = sq_norms.numel(), self.statistics.shards
+        if shards is not None:  # FSDP2/HSDP: this rank's examples, the gradient's are global
+            examples = shards.global_examples(examples, self.param_groups[0]["batch_size"])
+        self.observe_small_batch_norms(sq, 1, examples, loss_scale, grad_scaler, per_rank=shards is not None)
 
     @torch.no_grad()
     def observe_small_batch_norms(
@@ -499,6 +507,7 @@ class FusedScaledSGD(Optimizer):
         per_tensor: Tensor | None = None,
         *,
         big_per_tensor: Tensor | None = None,
+        per_rank: bool = False,
     ) -> None:
         """Feed this step's mean squared norm of gradients over ``small_batch_size`` examples.
 
@@ -509,6 +518,9 @@ class FusedScaledSGD(Optimizer):
         :meth:`gradient_stats`. The big-batch norm is read from ``.grad`` now (call this
         before clipping), where ``.grad`` = loss_scale × the mean gradient; a source that
         measured it earlier passes it per tensor as ``big_per_tensor`` (in ``.grad``'s scale).
+        ``per_rank``: with DTensor parameters (FSDP2, HSDP), ``mean_sq_norm``/``per_tensor`` are
+        over this rank's examples only and are averaged over the data-parallel ranks at ``step()``
+        (the batch sizes are global); without it they are taken as whole-mesh figures.
         """
         loss_scale = check_loss_scale(loss_scale)
         check_grad_scaler(grad_scaler)
@@ -528,6 +540,10 @@ class FusedScaledSGD(Optimizer):
             raise RuntimeError("this optimizer has no noise-scale estimator: build it with noise_scale=True")
         if self.statistics.pending:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
+        if not isinstance(per_rank, bool):
+            raise TypeError(f"per_rank must be a bool, got {per_rank!r}")
+        if per_rank:
+            sharded.data_parallel_size(self.statistics.shards, "small-batch norms")
         device = self.statistics.device
         if big_per_tensor is None:
             big_pt, present = self.statistics.grad_sq_norms(self.statistics.params)
@@ -544,6 +560,7 @@ class FusedScaledSGD(Optimizer):
             small_sq=sq, big_sq=big_pt.sum().reshape(1), b_small=float(small_batch_size),
             b_big=float(big_batch_size), small_pt=None if small_pt is None else small_pt.float(),
             big_pt=big_pt.float(), present=present, examples=float(big_batch_size),
+            local_pt=("big_pt",) if big_per_tensor is None else (), local_examples=per_rank,
         ))
 
     # ----------------------------------------------------------------- readout

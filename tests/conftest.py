@@ -64,6 +64,34 @@ def launch_ranks(script: str, out, world: int, timeout: float, **env) -> list:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+def error_of(fn, *types) -> str | None:
+    """``"Type: message"`` of the error of one of ``types`` that ``fn()`` raises, None if none: for
+    per-rank programs, which report errors back instead of failing."""
+    try:
+        fn()
+    except types as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def gloo_rank(out_dir, scenarios, timeout_s: float) -> None:
+    """The per-rank side of :func:`launch_ranks`: join the gloo group, run ``scenarios(rank)``
+    (a dict of what to compare) and save it as ``OUT/rank{r}.pt``."""
+    import datetime
+    import os
+    import warnings
+
+    import torch.distributed as dist
+
+    warnings.simplefilter("ignore")  # the pure-torch fallback warning, once per process
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    rank = dist.get_rank()
+    results = scenarios(rank)
+    dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def step_both(ref_opt, params, opt, ours, steps):
     """``steps`` steps of two optimizers over twin parameters, on the same fresh random grads."""
     for _ in range(steps):

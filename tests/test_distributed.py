@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastscale
-from conftest import launch_ranks
+from conftest import error_of, launch_ranks
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -93,11 +93,7 @@ def _train_ddp(rank, micro_batches=1, loss_scale=1.0, bucket_view=False, amp=Fal
 
 
 def _expect_error(fn):
-    try:
-        fn()
-    except (ValueError, RuntimeError) as err:
-        return f"{type(err).__name__}: {err}"
-    return None
+    return error_of(fn, ValueError, RuntimeError)
 
 
 def _mismatched_batch(rank):

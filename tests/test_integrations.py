@@ -77,6 +77,7 @@ def plain_loop(k, source="accumulate"):
                 opt.observe_per_example_norms(norms.squared_norms())
         opt.step()
         after.append(_figures(opt))
+    lrs.append(opt.current_lr()[0])  # the rate a next step would apply
     return {"params": [p.detach().clone() for p in model.parameters()], "lrs": lrs, "after": after}
 
 
@@ -128,7 +129,7 @@ def _lightning():
     return pytest.importorskip("lightning.pytorch", reason="lightning is not installed (pip install fastscale[lightning])")
 
 
-def _lightning_run(k, manual=False, log_every=2, strategy="auto", devices=1, rank=0, source="auto"):
+def _lightning_run(k, manual=False, log_every=2, strategy="auto", devices=1, rank=0, source="auto", monitor=None):
     """Train with lightning.Trainer; returns the optimizer's figures, params, and what was logged."""
     L = _lightning()
     from torch.utils.data import DataLoader, TensorDataset
@@ -185,7 +186,7 @@ def _lightning_run(k, manual=False, log_every=2, strategy="auto", devices=1, ran
     logger = Captured()
     trainer = L.Trainer(
         max_steps=STEPS, accumulate_grad_batches=1 if manual else k, accelerator="cpu", devices=devices,
-        strategy=strategy, logger=logger, log_every_n_steps=log_every, callbacks=[callback],
+        strategy=strategy, logger=logger, log_every_n_steps=log_every, callbacks=[callback, *([monitor] if monitor else [])],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False,
     )
@@ -245,6 +246,25 @@ def test_lightning_manual_optimization_through_the_wrapper(oracle):
     got = _lightning_run(4, manual=True, log_every=3)
     assert_same_estimate(got["after"], oracle[4]["after"][-1])
     _assert_logged(got["logged"], oracle[4], log_every=3, batches_per_step=4)
+
+
+def test_lightning_lr_monitor_shows_the_applied_rate(oracle):
+    # fastscale's LearningRateMonitor logs, where the stock one logs group["lr"] (0.02 throughout),
+    # the rate the next step applies: each logged value is the plain loop's rate for that step.
+    L = _lightning()
+    from fastscale.integrations.lightning import LearningRateMonitor
+
+    want = oracle[4]["lrs"]
+    for cls, expect in ((LearningRateMonitor, lambda s: want[s]), (L.callbacks.LearningRateMonitor, lambda s: OPT["lr"])):
+        monitor = cls(logging_interval="step")
+        got = _lightning_run(4, log_every=1, monitor=monitor)
+        shown = [(step, m["lr-FusedScaledSGD"]) for step, m in got["logged"] if "lr-FusedScaledSGD" in m]
+        # at each batch's start (4 per step), tagged with the steps done so far
+        assert [step for step, _ in shown] == [s for s in range(STEPS) for _ in range(4)], cls
+        for step, value in shown:
+            assert value == pytest.approx(expect(step), rel=1e-6), (cls, step)
+        assert monitor.lrs["lr-FusedScaledSGD"] == [v for _, v in shown]
+    assert len(set(want[:STEPS])) > 1 and want[0] != OPT["lr"]  # a moving rate, not group["lr"] in warmup
 
 
 def test_lightning_wrapper_runs_fastscale_methods_on_the_optimizer():
@@ -316,6 +336,7 @@ def _hf_plain_loop(model, data):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the Trainer's default max_grad_norm
         opt.step()
         after.append(_figures(opt))
+    lrs.append(opt.current_lr()[0])  # the rate a next step would apply
     return {"params": [p.detach().clone() for p in model.parameters()], "lrs": lrs, "after": after}
 
 
@@ -366,10 +387,13 @@ def test_hf_trainer_estimate_and_logs_equal_the_plain_loop(tmp_path):
     ours = [(step, m) for step, m in logged if "fastscale/lr" in m]
     assert [step for step, _ in ours] == [s for s in range(1, STEPS + 1) if s % 2 == 0]
     assert len(set(want["lrs"])) > 1  # the warmup moves the applied rate
+    assert want["lrs"][-1] == pytest.approx(HF_K * OPT["lr"])  # the batch-size scale, not group["lr"]
     assert max(m.get("grad_norm", 0) for _, m in logged) > 1.0  # max_grad_norm=1.0 clipped some steps
     for step, metrics in ours:
         truth = want["after"][step - 1]
         assert metrics["fastscale/lr"] == pytest.approx(want["lrs"][step - 1], rel=1e-6)
+        # the Trainer's own key, read after its scheduler stepped: the applied rate of the next step
+        assert metrics["learning_rate"] == pytest.approx(want["lrs"][step], rel=1e-6)
         for key in STAT_KEYS if truth["ready"] else ("grad_sq_norm", "trace_cov"):
             assert metrics["fastscale/" + key] == pytest.approx(truth[key], rel=1e-5), (step, key)
         if not truth["ready"]:

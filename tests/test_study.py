@@ -609,3 +609,74 @@ def test_crossing_and_mismatch():
     shifted = dict(curve, loss=[v + 0.1 for v in curve["loss"]])
     m = fit.curve_mismatch(shifted, curve)
     assert m["mean_abs"] == pytest.approx(0.1) and m["examples"] == 24
+
+
+# ----------------------------------------------------------------- the adaptive arm (issue #12)
+def _acfg(**kw):
+    from fastscale.study.adaptive import AdaptiveConfig
+
+    return AdaptiveConfig(**{**dict(min_batch_size=8, max_batch_size=64, multiple=8, factor=2.0, check_every=5,
+                                    max_growth=4.0, rule="linear", rewarmup_steps=0), **kw})
+
+
+def _fixed(b, rule, steps):
+    return {"batch_size": b, "rule": rule, "steps_to_target": steps,
+            "examples_to_target": None if steps is None else b * steps}
+
+
+def _adaptive_run(steps, examples, target=1.0):
+    # evaluations at 0 and at (steps, examples) with the loss crossing the target exactly there
+    return {"curve": {"steps": [0, steps], "examples": [0, examples], "loss": [2.0, target]}}
+
+
+@pytest.mark.parametrize("steps, examples, met, why", [
+    (50, 1000, True, None),  # ≤ 1.1 × 960 examples, 50 ≤ 0.8 × 64 steps (B=16: 64 steps, 1024 examples)
+    (60, 1000, False, "took 0.94× the steps"),
+    (40, 1100, False, "used 1.15× the smallest batch's examples"),
+])
+def test_adaptive_criterion(steps, examples, met, why):
+    from fastscale.study.adaptive import compare
+
+    fixed = [_fixed(8, "none", 120), _fixed(16, "linear", 64), _fixed(64, "linear", 20), _fixed(32, "sqrt", None)]
+    c = compare(_adaptive_run(steps, examples), fixed, 1.0, _acfg())
+    assert c["met"] is met
+    # B=64 takes fewer steps but 1280 examples > 1.1 × 960: not a fair comparison, left out
+    assert c["best_fixed"]["batch_size"] == 16 and c["example_budget"] == pytest.approx(1056)
+    assert (why is None and c["why"] is None) or why in c["why"]
+
+
+def test_adaptive_criterion_without_a_reference():
+    from fastscale.study.adaptive import compare
+
+    c = compare(_adaptive_run(50, 1000), [_fixed(8, "none", None), _fixed(16, "linear", 64)], 1.0, _acfg())
+    assert not c["met"] and "smallest batch size (8) never reached" in c["why"]
+    c = compare({"curve": {"steps": [0, 5], "examples": [0, 40], "loss": [2.0, 1.5]}}, [_fixed(8, "none", 120)], 1.0,
+                _acfg())
+    assert not c["met"] and c["why"] == "the adaptive run never reached the target loss"
+
+
+def test_adaptive_crossing_interpolates_examples():
+    # the batch grew from 8 to 32 between the evaluations: examples are not steps × one batch
+    assert fit.crossing({"steps": [0, 10, 20], "examples": [0, 80, 400], "loss": [3.0, 2.0, 1.0]}, 1.5) == (15.0, 240.0)
+
+
+def test_adaptive_arm_end_to_end(tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = StudyConfig(tasks=["lstsq"], parts=["rules", "adaptive"], batch_sizes=[8, 32, 128], rules=["none", "linear"],
+                      max_examples=1024, min_steps=5, impl="torch", bootstrap=20)
+    res = run_task("lstsq", cfg)
+    a = res["adaptive"]
+    sizes = a["run"]["curve"]["batch_size"]
+    assert sizes[0] == 8 and max(sizes) > 8  # it grew on least squares, whose noise scale grows
+    assert all(b % 8 == 0 and 8 <= b <= 128 for b in sizes) and sizes == sorted(sizes)
+    assert a["run"]["examples"] >= 1024
+    assert len(a["fixed"]) == 5 and set(a["comparison"]) >= {"met", "why", "example_budget", "best_fixed"}
+    # the lr followed the linear rule: lr = 0.2 × B/8 once any re-warmup is over
+    c = a["run"]["curve"]
+    assert c["lr"][-1] == pytest.approx(0.2 * c["batch_size"][-1] / 8)
+    files = report.write_report({"tasks": {"lstsq": res}, "environment": {"torch": "x", "device": "cpu", "threads": 1,
+                                                                          "ops": "x"},
+                                 "config": {"seed": 0, "crit_factor": 2.0}, "command": "x"}, tmp_path / "r", 1.0)
+    assert tmp_path / "r" / "lstsq_adaptive.png" in files
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Adaptive batch size" in md and "**Criterion**" in md

@@ -23,10 +23,11 @@ knows (an enum, no registry), so fastscale cannot be chosen there without patchi
 the Trainer.
 
 Logging: at the Trainer's logging steps (``logging_steps``), ``Trainer.log`` gets
-``{prefix}lr`` (the rate the last step applied, not the unscaled ``learning_rate`` the Trainer
-logs), ``grad_sq_norm``, ``trace_cov``, ``b_simple``, ``b_simple_low``, ``b_simple_high`` (NaN
+``{prefix}lr`` (the rate the last step applied), ``grad_sq_norm``, ``trace_cov``, ``b_simple``, ``b_simple_low``, ``b_simple_high`` (NaN
 while the estimate is not ready), read from the device only then; every ``report_to``
-integration (TensorBoard, W&B, ...) receives them.
+integration (TensorBoard, W&B, ...) receives them. The Trainer's own ``learning_rate`` (read
+after its scheduler stepped: the next step's rate) becomes the rate the next step applies —
+batch-size scale × warmup × ``group["lr"]`` — instead of the unscaled ``group["lr"]``.
 
 Not supported (raises): several processes (use :func:`fastscale.distributed.register_noise_scale_hook`
 on ``trainer.model_wrapped`` yourself), a loss normalised by ``num_items_in_batch`` (models
@@ -122,6 +123,10 @@ class NoiseScaleTrainer(Trainer):
         return loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._fastscale_opt is not None and "learning_rate" in logs:
+            # The Trainer logs the rate after its scheduler stepped (the next step's); so does
+            # this, but the applied one: batch-size scale × warmup × group["lr"].
+            logs["learning_rate"] = self._fastscale_opt.applied_lr()[0].item()
         if self._fastscale_opt is not None and self._fastscale_lr is not None and "loss" in logs:
             values = figures(self._fastscale_opt, applied_lr=self._fastscale_lr)
             ready = values.pop("noise_scale_ready").item() > 0  # logging steps only

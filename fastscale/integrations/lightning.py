@@ -32,6 +32,12 @@ interval; NaN while the estimate is not ready). The values are device tensors ha
 ``pl_module.log``: the host reads them only when Lightning writes its logs, and other steps
 read nothing.
 
+Lightning's own ``LearningRateMonitor`` reads ``group["lr"]``, the unscaled rate schedulers
+edit (see the README). :class:`LearningRateMonitor` here is a drop-in for it that logs, under
+the same names and at the same interval, the rate each FusedScaledSGD group's next step
+applies (``opt.applied_lr()``; the host reads it only at the monitor's logging interval, as the
+stock monitor reads its floats); other optimizers' rates are logged as the stock one does.
+
 The callback also makes Lightning's optimizer wrapper forward fastscale's own methods
 (``self.optimizers().accumulate_grad()``, ``.gradient_stats()``, ...) to the FusedScaledSGD,
 so manual optimization can call them on what ``self.optimizers()`` returns.
@@ -47,16 +53,18 @@ import torch
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.callbacks import LearningRateMonitor as _StockLearningRateMonitor
     from lightning.pytorch.utilities.data import extract_batch_size
 except ImportError:  # the standalone package
     import pytorch_lightning as pl  # noqa: F401
     from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.callbacks import LearningRateMonitor as _StockLearningRateMonitor
     from pytorch_lightning.utilities.data import extract_batch_size
 
 from ..optimizer import FusedScaledSGD
 from .logging import figures, unwrap_optimizer
 
-__all__ = ["NoiseScaleCallback", "FORWARDED_METHODS"]
+__all__ = ["NoiseScaleCallback", "LearningRateMonitor", "FORWARDED_METHODS"]
 
 # fastscale's methods that Lightning's wrapper should run on the optimizer it wraps.
 FORWARDED_METHODS = (
@@ -193,3 +201,25 @@ class NoiseScaleCallback(Callback):
                 values[key] = torch.where(ready > 0, values[key], math.nan)
         for name, value in values.items():
             pl_module.log(self.prefix + name, value.reshape(()), on_step=True, on_epoch=False, batch_size=1)
+
+
+class LearningRateMonitor(_StockLearningRateMonitor):
+    """Lightning's ``LearningRateMonitor`` (same arguments, names and interval) showing, for a
+    :class:`fastscale.FusedScaledSGD`, the rate each group's next step applies — batch-size
+    scale × warmup × ``group["lr"]`` — instead of the unscaled ``group["lr"]``.
+
+    It extends the stock monitor's per-optimizer hook (``_get_optimizer_stats``): a private
+    method of Lightning, so ``tests/test_integrations.py`` holds it to every installed version.
+    """
+
+    def _get_optimizer_stats(self, optimizer, names):
+        stats = super()._get_optimizer_stats(optimizer, names)
+        try:
+            opt = unwrap_optimizer(optimizer)
+        except TypeError:  # not ours: the stock figures
+            return stats
+        for lr, name in zip(opt.applied_lr(), names):  # zip: as the stock monitor pairs groups and names
+            value = lr.item()  # the monitor's logging interval only
+            stats[name] = value
+            self.lrs[name][-1] = value
+        return stats

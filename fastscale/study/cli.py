@@ -115,7 +115,8 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                    "or all (default)")
     p.add_argument("--model", choices=["cnn", "mlp"], default=None, help="model for the digits task (default cnn)")
     p.add_argument("--skip", type=_parts, default=[], metavar="PART",
-                   help="leave out a part: critical (the branching measurement) or rules (the from-scratch comparison)")
+                   help="leave out a part: critical (the branching measurement), rules (the from-scratch comparison) "
+                   "or adaptive (the adaptive batch-size arm, compared with the rules part)")
     g = p.add_argument_group("the critical batch size (branching)")
     g.add_argument("--branch-batch-sizes", type=_positive_ints, default=None,
                    help="the ladder each branch continues at; the smallest is the reference (task default, e.g. "
@@ -140,6 +141,17 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--min-steps", type=_positive_int, default=None, help="steps per run at least (60; quick 20)")
     g.add_argument("--warmup-examples", type=_positive_int, default=None,
                    help="warmup length in examples (task default: digits 512, lstsq 128)")
+    g = p.add_argument_group("the adaptive arm (fastscale.AdaptiveBatchSize, from the smallest to the largest batch "
+                             "of the rules ladder)")
+    g.add_argument("--adaptive-factor", type=_positive_float, default=2.0,
+                   help="c in B = clamp(c · B_simple, B_min, B_max) (2)")
+    g.add_argument("--adaptive-check-every", type=_positive_int, default=5,
+                   help="steps between reads of the estimate (5)")
+    g.add_argument("--adaptive-max-growth", type=_factor, default=4.0, help="largest factor of one increase (4)")
+    g.add_argument("--adaptive-rule", choices=["none", "linear", "sqrt", "noise"], default="linear",
+                   help="the optimizer's lr rule in the adaptive run (linear)")
+    g.add_argument("--adaptive-rewarmup-steps", type=_number(int, lambda v: v >= 0, ">= 0"), default=3,
+                   help="steps of lr re-warmup after each increase (3)")
     g = p.add_argument_group("training")
     g.add_argument("--base-batch-size", type=_positive_int, default=8, help="batch size the base lr is for (8)")
     g.add_argument("--lr", type=_positive_float, default=None, help="base learning rate at the base batch size (task default)")
@@ -231,6 +243,11 @@ def run_study_command(args) -> int:
         seeds=args.seeds,
         crit_factor=args.crit_factor,
         bootstrap=args.bootstrap,
+        adaptive_factor=args.adaptive_factor,
+        adaptive_check_every=args.adaptive_check_every,
+        adaptive_max_growth=args.adaptive_max_growth,
+        adaptive_rule=args.adaptive_rule,
+        adaptive_rewarmup_steps=args.adaptive_rewarmup_steps,
         device=args.device,
         seed=args.seed,
         quick=args.quick,

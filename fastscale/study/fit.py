@@ -27,9 +27,9 @@ def crossing(curve: dict, target: float) -> tuple[float, float] | None:
                 return 0.0, 0.0
             hi, lo = loss[i - 1], value
             t = (hi - target) / (hi - lo) if hi != lo else 1.0
-            s = steps[i - 1] + t * (steps[i] - steps[i - 1])
-            batch = examples[i] / steps[i] if steps[i] else 0.0
-            return s, s * batch
+            # Both interpolated: a run whose batch size changes (the adaptive arm) has examples ≠ B·steps.
+            return (steps[i - 1] + t * (steps[i] - steps[i - 1]),
+                    examples[i - 1] + t * (examples[i] - examples[i - 1]))
     return None
 
 

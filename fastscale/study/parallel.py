@@ -38,10 +38,10 @@ def _task(key: tuple):
 
 def call(job: tuple):
     """Run one job ``(function name in train, (task, model, device), kwargs)``."""
-    from . import train
+    from . import adaptive, train
 
     name, key, kwargs = job
-    return getattr(train, name)(_task(key), **kwargs)
+    return getattr(adaptive if name == "adaptive_run" else train, name)(_task(key), **kwargs)
 
 
 def _init_worker(threads: int) -> None:

@@ -18,6 +18,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+from . import adaptive
 from .measure import online_estimate, point_name
 from .train import smoothed
 from .tasks import StudyError
@@ -312,6 +313,8 @@ def _task_section(name: str, res: dict, plots: list[str]) -> list[str]:
                                                or p.startswith(f"{name}_estimate") or p.startswith(f"{name}_branches")])
     if res.get("rules"):
         lines += _rules_section(name, res["rules"], [p for p in plots if p.startswith(f"{name}_rules")])
+    if res.get("adaptive"):
+        lines += adaptive.report_section(name, res, [p for p in plots if p.startswith(f"{name}_adaptive")], _unit(res))
     return lines
 
 
@@ -532,6 +535,8 @@ def _plots(name: str, res: dict, out: Path) -> list[str]:
         files += _critical_plots(name, res, out)
     if res.get("rules"):
         files += _rule_plots(name, res["rules"], out)
+    if res.get("adaptive"):
+        files += adaptive.plot(name, res, out, _save)
     return files
 
 

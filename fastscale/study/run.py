@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import fit
+from . import adaptive, fit
 from .measure import MeasureConfig, measure
 from .tasks import StudyError, make_task
 from .train import RunConfig
 
 RULES = ("none", "linear", "sqrt", "noise")
-PARTS = ("critical", "rules")
+PARTS = ("critical", "rules", "adaptive")
 
 
 def default_batch_sizes(max_batch: int = 1024) -> list[int]:
@@ -64,6 +64,13 @@ class StudyConfig:
     crit_factor: float = 2.0
     bootstrap: int = 1000
     level: float = 0.9
+    # --- the adaptive arm (fastscale.AdaptiveBatchSize), compared with the rules part's fixed runs
+    # c = 2: the critical batch size measured 2–7× the online B_simple here (docs/study.md)
+    adaptive_factor: float = 2.0
+    adaptive_check_every: int = 5
+    adaptive_max_growth: float = 4.0
+    adaptive_rule: str = "linear"
+    adaptive_rewarmup_steps: int = 3
     # --- everything
     device: str = "cpu"
     seed: int = 0
@@ -262,7 +269,30 @@ def run_task(name: str, cfg: StudyConfig, runner=None) -> dict:
         result["critical"] = measure(key, task, run_cfg, measure_config(cfg, task), cfg.seed, init_state, runner)
     if "rules" in cfg.parts:
         result["rules"] = run_rules(key, task, cfg, run_cfg, init_state, runner)
+    if "adaptive" in cfg.parts and "rules" in cfg.parts:  # compared with the fixed batch sizes
+        result["adaptive"] = run_adaptive(key, task, cfg, run_cfg, init_state, runner, result["rules"])
     return result
+
+
+def adaptive_config(cfg: StudyConfig, task) -> adaptive.AdaptiveConfig:
+    sizes = rule_batch_sizes(cfg, task)
+    return adaptive.AdaptiveConfig(
+        min_batch_size=sizes[0], max_batch_size=sizes[-1], multiple=math.gcd(*sizes), factor=cfg.adaptive_factor,
+        check_every=cfg.adaptive_check_every, max_growth=cfg.adaptive_max_growth, rule=cfg.adaptive_rule,
+        rewarmup_steps=cfg.adaptive_rewarmup_steps,
+    )
+
+
+def run_adaptive(task_key, task, cfg: StudyConfig, run_cfg: RunConfig, init_state: dict, runner, rules: dict) -> dict:
+    """One adaptive run (seeded like the smallest batch's fixed run), against every fixed run."""
+    acfg = adaptive_config(cfg, task)
+    seed = cfg.seed * 100_003 + acfg.min_batch_size
+    job = ("adaptive_run", task_key, dict(init_state=init_state, cfg=run_cfg, acfg=acfg, seed=seed,
+                                          target_loss=rules["target_loss"]))
+    run = runner.map([job], [f"{task.name} adaptive"])[0]
+    fixed = [r for r in rules["runs"] if not r.get("shared_with")]  # the B0 run once, not once per rule
+    return {"config": asdict(acfg), "run": run, "comparison": adaptive.compare(run, fixed, rules["target_loss"], acfg),
+            "fixed": adaptive.summary(fixed)}
 
 
 def count_runs(cfg: StudyConfig) -> int:
@@ -282,6 +312,8 @@ def count_runs(cfg: StudyConfig) -> int:
             points = set(cfg.branch_points or (d.quick_branch_points if cfg.quick else d.branch_points))
             factors = cfg.lr_factors or (QUICK_LR_FACTORS if cfg.quick else LR_FACTORS)
             total += max(seeds, 2) + len(points) * len(ladder) * len(factors) * seeds
+        if "adaptive" in cfg.parts and "rules" in cfg.parts:
+            total += 1
     return total
 
 
@@ -300,8 +332,14 @@ def check_config(cfg: StudyConfig) -> None:
     for rule in cfg.rules:
         if rule not in RULES:
             raise StudyError(f"unknown scaling rule {rule!r} (choose from {', '.join(RULES)})")
-    if not cfg.parts:
-        raise StudyError("nothing to do: --skip removes both parts of the study")
+    if not cfg.parts or cfg.parts == ["adaptive"]:
+        raise StudyError("nothing to do: --skip removes the critical and rules parts of the study (the adaptive arm "
+                         "is compared with the rules part)")
+    if not (cfg.adaptive_factor > 0 and math.isfinite(cfg.adaptive_factor)):
+        raise StudyError(f"--adaptive-factor must be a finite number > 0, got {cfg.adaptive_factor}")
+    if cfg.adaptive_rule not in RULES:
+        raise StudyError(f"unknown scaling rule {cfg.adaptive_rule!r} for --adaptive-rule "
+                         f"(choose from {', '.join(RULES)})")
     if cfg.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise StudyError(f"--device {cfg.device} was asked for but torch sees no CUDA device "
