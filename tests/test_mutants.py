@@ -48,7 +48,7 @@ MUTANTS = [
      "        if n == 1 and _same(self.after.get(i), grad):", "        if _same(self.after.get(i), grad):",
      ["tests/test_real_loops.py::test_a_gradient_the_hooks_cannot_account_for"]),
     ("accumulate/hooks: .grad written after the backward not noticed", "fastscale/noise_scale.py",
-     "    return ref is not None and ref() is grad and grad._version == version",
+     "    return ref is not None and ref() is grad and sharded.version(grad) == version",
      "    return ref is not None and ref() is grad",
      ["tests/test_real_loops.py::test_a_gradient_the_hooks_cannot_account_for"]),
     ("accumulate/hooks: the step's unscaled norm taken as .grad's", "fastscale/noise_scale.py",
