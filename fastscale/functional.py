@@ -41,6 +41,7 @@ def fused_scaled_sgd(
     found_inf: Tensor | None = None,
     fused: bool | None = None,
     differentiable: bool = False,
+    uniform: bool = False,
 ) -> Tensor:
     r"""One SGD step of ``params`` (see :func:`fastscale.reference.fused_sgd_` for the math),
     returning each gradient's squared norm (after AMP unscaling) as an fp32 vector in the
@@ -51,14 +52,17 @@ def fused_scaled_sgd(
     ``lr`` is a 1-element tensor. ``fused``: None calls the dispatched op (compiled kernel
     where built), False the pure-torch twin; ``differentiable`` runs torch's per-tensor step
     under autograd (:func:`_differentiable_sgd`). A sparse gradient with ``weight_decay``
-    raises torch's error before anything is written.
+    raises torch's error before anything is written. ``uniform``: the caller has checked that
+    every tensor is on one device with one dtype and every gradient is dense (then they are
+    not grouped again).
     """
     n = len(params)
     device = params[0].device if params else lr.device
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
-    check_sparse(grads, weight_decay)
-    sparse = [i for i, g in enumerate(grads) if g.is_sparse]
+    if not uniform:
+        check_sparse(grads, weight_decay)
+    sparse = [] if uniform else [i for i, g in enumerate(grads) if g.is_sparse]
     if differentiable:
         return _differentiable_sgd(params, grads, momentum_buffer_list, lr=lr, weight_decay=weight_decay,
                                    momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
@@ -67,11 +71,14 @@ def fused_scaled_sgd(
     if isinstance(weight_decay, Tensor):
         weight_decay = weight_decay.item()  # the op takes a float: a tensor one is read on the host
     buckets: dict = {}
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g.is_sparse:
-            continue
-        first = momentum != 0 and momentum_buffer_list[i] is None
-        buckets.setdefault((p.device, p.dtype, first), []).append(i)
+    if uniform and (momentum == 0 or not any(b is None for b in momentum_buffer_list)):
+        buckets[(params[0].device, params[0].dtype, False)] = list(range(n))
+    else:
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g.is_sparse:
+                continue
+            first = momentum != 0 and momentum_buffer_list[i] is None
+            buckets.setdefault((p.device, p.dtype, first), []).append(i)
     norms, order = [], []
     skipped = None  # whether an AMP overflow skips this step: read on the host once, if needed
     for (dev, dtype, first), idx in buckets.items():

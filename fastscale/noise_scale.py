@@ -21,9 +21,11 @@ step never waits for the device; only reading a figure synchronises.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 import statistics
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -445,6 +447,7 @@ class _Accumulation:
         new = copy.copy(self)
         memo[id(self)] = new
         new.small_pt = copy.deepcopy(self.small_pt, memo)
+        new.big_pt = copy.deepcopy(self.big_pt, memo)
         new.amp_divisor = copy.deepcopy(self.amp_divisor, memo)
         new.loss_scales, new.batch_sizes = list(self.loss_scales), list(self.batch_sizes)
         new.seen = {}
@@ -462,7 +465,16 @@ class _Accumulation:
         state["seen"] = {i: (None, v) for i, (_, v) in self.seen.items()}
         return state
 
-    def __init__(self):
+    def __init__(self, hooks: bool = False):
+        # hooks: each micro-batch's norms come from the gradients autograd hands to .grad
+        # (_MicroBatchCapture), otherwise from the snapshots (StatisticsTracker.snapshots).
+        # cross: the hooks also take g·T, and big_pt holds |.grad|² as of the last call (for
+        # loops that edit .grad before the step); without it |.grad|² is the step's own norm.
+        # broken: a hooked call could not be measured exactly: this step gives no measurement.
+        self.hooks = hooks
+        self.cross = False
+        self.big_pt: Tensor | None = None
+        self.broken = False
         self.loss_scales: list[float] = []
         self.batch_sizes: list[int | None] = []
         self.small_pt: Tensor | None = None  # Σ over micro-batches of |g_i|² / c_i², per tensor
@@ -500,6 +512,14 @@ class StatisticsTracker:
         self._accumulation: _Accumulation | None = None
         self._all_present = torch.ones(len(self.params), dtype=torch.bool, device=device)
         self._indices: dict[tuple, Tensor] = {}  # positions -> their index tensor, made once
+        # Micro-batch norms from autograd hooks instead of snapshots, once a whole accumulation
+        # showed every gradient arriving through them (see _MicroBatchCapture).
+        self._capture: _MicroBatchCapture | None = None
+        # Plain tensors only (a DTensor shard's gradient is left to the snapshots): otherwise no
+        # hook is ever registered, and nothing of the hooked path runs, compiled or not.
+        self._hookable = bool(self.params) and all(type(p.data) is torch.Tensor for p in self.params)
+        self._hooks_trusted = False
+        self._hooks_failed = False  # a hooked step could not be measured: snapshots from then on
 
     # ----------------------------------------------------------------- structure
     def with_params(self, params: list[Tensor]) -> "StatisticsTracker":
@@ -539,6 +559,8 @@ class StatisticsTracker:
         """Drop what was measured for the step not yet taken (``zero_grad()``)."""
         self._pending = None
         self._accumulation = None
+        if self._capture is not None:
+            self._capture.clear()
 
     def grad_sq_norms(self, params: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Per-tensor |.grad|² now (fp32 vector over all parameters) and the mask present."""
@@ -588,9 +610,35 @@ class StatisticsTracker:
             return
         # --- all checks passed: write
         if acc is None:
-            acc, kept = _Accumulation(), set()
+            acc, kept = _Accumulation(hooks=self._hooks_trusted and not self._hooks_failed), set()
+            acc.cross = acc.hooks and self._capture is not None and self._capture.cross
+            if acc.hooks:
+                self.snapshots = [None] * len(self.params)  # their memory back: hooks from now on
         acc.seen = {i: v for i, v in acc.seen.items() if i in kept}  # reset ones are measured afresh
         divisor = _amp_divisor(grad_scaler, self.device)
+        if acc.hooks:
+            sq_pt = self._from_hooks(acc, params, kept)
+        else:
+            sq_pt = self._from_snapshots(params_by_bucket, accumulate_op, kept)
+            if self._hookable and not self._hooks_failed:
+                self._watch_hooks(acc, params, kept)
+        if sq_pt is None:
+            sq_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        sq_pt = sq_pt.double()
+        if divisor is not None:
+            sq_pt = sq_pt * divisor
+        sq_pt = sq_pt / loss_scale**2
+        acc.small_pt = sq_pt if acc.small_pt is None else acc.small_pt + sq_pt
+        acc.loss_scales.append(loss_scale)
+        acc.batch_sizes.append(batch_size)
+        acc.amp_divisor = divisor
+        acc.default_total = default_total  # as it was while the micro-batches were taken
+        _remember_grads(acc.seen, self.index, params)
+        self._accumulation = acc
+
+    def _from_snapshots(self, params_by_bucket, accumulate_op, kept: set) -> Tensor:
+        """Per-tensor |micro-batch gradient|² as ``.grad`` minus its snapshot (then the
+        snapshot <- ``.grad``), one fused pass per bucket: exact whatever edited ``.grad``."""
         norms, positions = [], []
         for bucket in params_by_bucket:
             if not bucket:
@@ -608,21 +656,119 @@ class StatisticsTracker:
                     snaps.append(_dense_real(snap))
                 norms.append(accumulate_op(snaps, [_dense_real(p.grad) for p in part], first=first))
                 positions += [self.index[p] for p in part]
-        sq_pt, _ = self.per_tensor(norms, positions)
-        sq_pt = sq_pt.double()
-        if divisor is not None:
-            sq_pt = sq_pt * divisor
-        sq_pt = sq_pt / loss_scale**2
-        acc.small_pt = sq_pt if acc.small_pt is None else acc.small_pt + sq_pt
-        acc.loss_scales.append(loss_scale)
-        acc.batch_sizes.append(batch_size)
-        acc.amp_divisor = divisor
-        acc.default_total = default_total  # as it was while the micro-batches were taken
-        for p in params:
-            _remember_grad(acc.seen, self.index[p], p.grad)
-        self._accumulation = acc
+        return self.per_tensor(norms, positions)[0]
 
-    def _finish_accumulation(self) -> Measurement | None:
+    @torch.compiler.disable
+    def _watch_hooks(self, acc: _Accumulation, params: list[Tensor], kept: set) -> None:
+        """While measuring from snapshots: hook the parameters, and trust the hooks from the
+        next accumulation on once a call saw every continuing gradient arrive through them."""
+        if self._hooks_failed:
+            return
+        if self._capture is None:  # from the next micro-batch on
+            self._capture = _MicroBatchCapture(self.params)
+        cap = self._capture
+        if kept and all(cap.verdict(self.index[p], p.grad, acc.seen.get(self.index[p])) != "unknown"
+                        for p in params if self.index[p] in kept):
+            self._hooks_trusted = True
+            cap.compute = True
+        cap.clear()
+
+    @torch.compiler.disable
+    def _from_hooks(self, acc: _Accumulation, params: list[Tensor], kept: set) -> Tensor | None:
+        """Per-tensor |micro-batch gradient|² from what the hooks computed as each gradient
+        arrived (no snapshot: one read of the gradient, while it is fresh); with ``acc.cross``,
+        ``acc.big_pt`` <- |.grad|² now, as |T + g|² = |T|² + 2 g·T + |g|². A continuing gradient
+        the hooks cannot account for (edited by hand, two backwards in one micro-batch) breaks
+        the step: no measurement, a warning, and snapshots from the next accumulation on."""
+        if self._capture is None:
+            self._capture = _MicroBatchCapture(self.params)
+        cap = self._capture
+        hooked, direct = [], []  # positions measured by the hooks / read from .grad now
+        for p in params:
+            i = self.index[p]
+            verdict = cap.verdict(i, p.grad, acc.seen.get(i) if i in kept else None)
+            if verdict == "hooked" and i in cap.norms and (
+                    i in kept and (cap.norms[i] or not acc.cross) or i not in kept and cap.before.get(i) is None):
+                hooked.append(i)
+            elif verdict == "unchanged":
+                continue  # no gradient this micro-batch: 0, and |.grad|² as it was
+            elif i in kept:  # nothing exact to measure it from
+                cap.close()
+                self._capture = None
+                self._hooks_failed, self._hooks_trusted, acc.broken = True, False, True
+                _warn_hooks_failed()
+                return None
+            else:
+                direct.append(i)  # first seen in this accumulation: its whole .grad is the micro-batch
+        if acc.big_pt is None:
+            acc.big_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        if hooked:
+            a, d = cap.gathered(len(self.params), self.device)
+            micro = torch.where(self._mask_of(hooked), a, 0.0)
+            if acc.cross:
+                continuing = self._mask_of([i for i in hooked if i in kept])
+                fresh = self._mask_of([i for i in hooked if i not in kept])
+                big = acc.big_pt
+                total = torch.where(continuing, big + 2 * d + a, big)  # |T + g|², T = .grad before g
+                acc.big_pt = torch.where(fresh, a, total)
+        else:
+            micro = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        if direct:
+            norms, positions = squared_norms_at([self.params[i].grad for i in direct], direct)
+            sq, _ = self.per_tensor(norms, positions)
+            sq = sq.double()
+            idx = self._index_of(positions)
+            acc.big_pt.index_copy_(0, idx, sq[idx])
+            micro.index_copy_(0, idx, sq[idx])
+        cap.clear()
+        return micro
+
+    @torch.compiler.disable
+    def _big_from_hooks(self, acc: _Accumulation, seen: list[int], last_norms: Tensor, grad_scale: Tensor | None):
+        """|.grad|² per tensor as the last call saw it, for a hooked accumulation: from the
+        hooks' cross terms (``acc.cross``), or else the step's own norms when nothing edited
+        ``.grad`` since. A loop found editing ``.grad`` before the step gets cross terms from
+        the next accumulation on (this step: no measurement); one found not editing it, none."""
+        if acc.broken or self._capture is None:
+            return None, None
+        unedited = not self._learn_cross(acc, seen)
+        present = self.per_tensor([torch.ones(len(seen), device=self.device)], seen)[1]
+        if acc.cross:
+            return torch.where(present, acc.big_pt, 0.0), present
+        if not unedited:
+            return None, None
+        big_pt = torch.where(present, last_norms.to(self.device, torch.float64), 0.0)
+        if grad_scale is not None:  # the step's norms are of the unscaled gradient .grad / s
+            big_pt = big_pt * grad_scale.to(self.device, torch.float64).reshape(1).square()
+        return big_pt, present
+
+    @torch.compiler.disable
+    def _learn_cross(self, acc: _Accumulation, seen: list[int]) -> bool:
+        """Whether the loop edited ``.grad`` between the last call and the step (clipping,
+        unscaling): if so the hooks take the cross terms from the next accumulation on. Learned
+        from snapshot-measured steps too, so the first hooked step already knows."""
+        edited = not all(_same(acc.seen[i], self.params[i].grad) for i in seen)
+        if self._capture is not None:
+            self._capture.cross = edited
+        return edited
+
+    def _mask_of(self, positions: list[int]) -> Tensor:
+        key = ("mask", *positions)
+        mask = self._indices.get(key)
+        if mask is None:  # once per set of positions, as for indices
+            mask = torch.zeros(len(self.params), dtype=torch.bool)
+            mask[positions] = True
+            mask = self._indices[key] = mask.to(self.device)
+        return mask
+
+    def _index_of(self, positions: list[int]) -> Tensor:
+        key = tuple(positions)
+        idx = self._indices.get(key)
+        if idx is None:  # a host-to-device copy: once per set of positions, not every step
+            idx = self._indices[key] = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return idx
+
+    def _finish_accumulation(self, last_norms: Tensor, grad_scale: Tensor | None) -> Measurement | None:
         """The accumulated micro-batches as one measurement; the big-batch norm is that of the
         raw accumulated gradient, read from the snapshots (never from a clipped .grad)."""
         acc = self._accumulation
@@ -638,7 +784,14 @@ class StatisticsTracker:
         b_big = total_c**2 / sum(ci * ci / bi for ci, bi in zip(c, sizes))
         b_small = k / sum(1.0 / bi for bi in sizes)  # mean of |G_i|²: variance term tr(Σ)·mean(1/b_i)
         seen = sorted(acc.seen)
-        big_pt, present = self.per_tensor(*squared_norms_at([self.snapshots[i] for i in seen], seen))
+        if acc.hooks:
+            big_pt, present = self._big_from_hooks(acc, seen, last_norms, grad_scale)
+            if big_pt is None:
+                return None
+        else:
+            if self._capture is not None:
+                self._learn_cross(acc, seen)
+            big_pt, present = self.per_tensor(*squared_norms_at([self.snapshots[i] for i in seen], seen))
         big_pt = big_pt.double()
         if acc.amp_divisor is not None:
             big_pt = big_pt * acc.amp_divisor
@@ -651,11 +804,11 @@ class StatisticsTracker:
         )
 
     # ----------------------------------------------------------------- the step
-    def on_step(self, last_norms: Tensor, skip: Tensor | None) -> None:
+    def on_step(self, last_norms: Tensor, skip: Tensor | None, grad_scale: Tensor | None = None) -> None:
         """After the optimizer step: keep the stepped gradient's norms and fold this step's
         measurement into the estimator (skipped on an AMP overflow, on the device)."""
         self.last_norms = last_norms
-        m = self._pending if self._pending is not None else self._finish_accumulation()
+        m = self._pending if self._pending is not None else self._finish_accumulation(last_norms, grad_scale)
         self.reset()
         if self.shards is not None:  # DTensor parameters: the step's one collective
             self.last_norms, m = self.shards.sum_over_shards(last_norms, m)
@@ -664,6 +817,174 @@ class StatisticsTracker:
         self.estimator.update(m, skip)
         if m.examples is not None:
             self.last_examples = m.examples
+
+
+class _MicroBatchCapture:
+    """Each micro-batch's gradient as autograd hands it to ``.grad``, measured on arrival.
+
+    A tensor hook on each parameter sees the gradient g of one backward before autograd adds
+    it into ``.grad`` T (AccumulateGrad); with ``compute`` on it takes |g|², g·T and |T|² then,
+    while g is fresh (so |T + g|² = |T|² + 2 g·T + |g|² needs no snapshot). A post-accumulate
+    hook records which tensor ``.grad`` is afterwards and its version, so a later call can tell
+    whether anything else wrote ``.grad`` in between (:meth:`verdict`). Between two
+    ``accumulate_grad()`` calls each parameter's gradient must arrive once, through autograd;
+    anything else is "unknown" and measured otherwise.
+    """
+
+    def __init__(self, params: list[Tensor], compute: bool = False, cross: bool = True):
+        self.params = list(params)
+        self.compute = compute  # take the norms (once the hooks are trusted)
+        self.cross = cross  # take g·T too (the loop edits .grad between the last call and the step)
+        self.handles = []
+        # The hooks write |g|² and g·T straight into one buffer per (device, compute dtype), a
+        # 0-dim view per parameter, so a call reads them with a few ops whatever the count.
+        self.groups: dict = {}  # (device, dtype) -> [positions, |g|² buffer, g·T buffer]
+        self.slots: dict[int, tuple] = {}  # position -> (|g|² view, g·T view)
+        for i, p in enumerate(self.params):
+            dtype = torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
+            group = self.groups.setdefault((p.device, dtype), [[], None, None])
+            group[0].append(i)
+        for (device, dtype), group in self.groups.items():
+            group[1] = torch.zeros(len(group[0]), dtype=dtype, device=device)
+            group[2] = torch.zeros(len(group[0]), dtype=dtype, device=device)
+            for row, i in enumerate(group[0]):
+                self.slots[i] = (group[1][row], group[2][row])
+        me = weakref.ref(self)
+        for i, p in enumerate(self.params):
+            # Plain tensors only: a tensor subclass (a DTensor shard) is left to the snapshots,
+            # its gradients never arrive "through the hooks", so the hooks are never trusted.
+            if p.requires_grad and p.is_leaf and type(p.data) is torch.Tensor:
+                # Unserializable: a pickled model comes back without them (the optimizer's copy re-hooks).
+                pre, post = functools.partial(_on_gradient, me, i), functools.partial(_after_gradient, me, i)
+                self.handles.append(p.register_hook(torch.utils.hooks.unserializable_hook(pre)))
+                self.handles.append(p.register_post_accumulate_grad_hook(torch.utils.hooks.unserializable_hook(post)))
+        self.clear()
+
+    def clear(self) -> None:
+        self.fired: dict[int, int] = {}  # position -> gradients handed to .grad since the last call
+        self.before: dict[int, tuple | None] = {}  # position -> (ref, version) of .grad when one arrived
+        self.after: dict[int, tuple] = {}  # position -> (ref, version) of .grad once it was added
+        self.norms: dict[int, bool] = {}  # position -> whether g·T was taken (its slots are this micro-batch's)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __del__(self):
+        self.close()
+
+    def __deepcopy__(self, memo):
+        # The copy hooks the copied parameters (those of a deep-copied model and optimizer).
+        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute, self.cross)
+
+    def __reduce__(self):
+        return _MicroBatchCapture, (self.params, self.compute, self.cross)
+
+    def verdict(self, i: int, grad: Tensor, seen: tuple | None) -> str:
+        """How ``.grad`` (``grad``) of position i got where it is since the last call, whose
+        record of it was ``seen`` (None: not continuing): "hooked" (exactly one gradient arrived
+        through autograd, onto the ``.grad`` seen, and nothing wrote it since), "unchanged" (the
+        same tensor, not written), or "unknown"."""
+        n = self.fired.get(i, 0)
+        if n == 0:
+            return "unchanged" if seen is not None and _same(seen, grad) else "unknown"
+        if n == 1 and _same(self.after.get(i), grad):
+            before = self.before.get(i)
+            if seen is None or (before is not None and seen[0] is not None and before[0]() is seen[0]()
+                                and before[1] == seen[1]):
+                return "hooked"
+        return "unknown"
+
+    def gathered(self, n: int, device) -> tuple[Tensor, Tensor]:
+        """The |g|² and g·T buffers as fp64 vectors over all ``n`` positions on ``device``
+        (stale where no gradient arrived this micro-batch: the caller masks them)."""
+        if len(self.groups) == 1:
+            (positions, a, d), = self.groups.values()
+            if len(positions) == n:
+                return a.to(device, torch.float64), d.to(device, torch.float64)
+        out_a = torch.zeros(n, dtype=torch.float64, device=device)
+        out_d = torch.zeros(n, dtype=torch.float64, device=device)
+        for positions, a, d in self.groups.values():
+            idx = torch.tensor(positions, device=device)
+            out_a.index_copy_(0, idx, a.to(device, torch.float64))
+            out_d.index_copy_(0, idx, d.to(device, torch.float64))
+        return out_a, out_d
+
+
+def _same(record: tuple | None, grad: Tensor | None) -> bool:
+    """Whether ``grad`` is the tensor ``record`` = (weak ref, version) names, unwritten since."""
+    if record is None or grad is None:
+        return False
+    ref, version = record
+    return ref is not None and ref() is grad and sharded.version(grad) == version
+
+
+def _outside_dynamo(fn):
+    """Hooks run eagerly inside autograd; under a torch.compile'd training step dynamo would
+    trace them (and recompile per parameter position). Their frames are skipped outright (no
+    wrapper: they run twice per parameter and micro-batch), so they call no Python function."""
+    try:
+        from torch._dynamo.eval_frame import skip_code
+    except ImportError:  # another torch: the (costlier) wrapper
+        return torch.compiler.disable(fn)
+    skip_code(fn.__code__)
+    return fn
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+@_outside_dynamo
+def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
+    cap = capture_ref()
+    if cap is None:
+        return
+    n = cap.fired.get(i, 0)
+    cap.fired[i] = n + 1
+    if n:
+        return  # a second gradient in one micro-batch: the call measures it otherwise
+    old = cap.params[i].grad
+    cap.before[i] = None if old is None else (weakref.ref(old), old._version)
+    if cap.compute and not grad.is_sparse and (old is None or not old.is_sparse):
+        # |g|² (and g·T) in the compute dtype, complex as (re, im) pairs; detached, so a
+        # create_graph backward records nothing.
+        g = grad.detach()
+        g = (torch.view_as_real(g) if g.is_complex() else g.float() if g.dtype in _LOW else g).reshape(-1)
+        a, d = cap.slots[i]
+        if a.dtype != g.dtype or a.device != g.device:  # cast or moved since: a copy
+            a.copy_(torch.dot(g, g))
+        else:
+            torch.dot(g, g, out=a)
+        cross = old is not None and cap.cross
+        if cross:
+            t = old.detach()
+            t = (torch.view_as_real(t) if t.is_complex() else t.float() if t.dtype in _LOW else t).reshape(-1)
+            if d.dtype != g.dtype or d.device != g.device:
+                d.copy_(torch.dot(g, t))
+            else:
+                torch.dot(g, t, out=d)
+        cap.norms[i] = cross
+
+
+@_outside_dynamo
+def _after_gradient(capture_ref, i: int, param: Tensor) -> None:
+    cap = capture_ref()
+    if cap is not None and param.grad is not None:
+        cap.after[i] = (weakref.ref(param.grad), param.grad._version)
+
+
+_hooks_warned = False
+
+
+def _warn_hooks_failed() -> None:
+    global _hooks_warned
+    if not _hooks_warned:
+        _hooks_warned = True
+        warnings.warn(
+            "fastscale: accumulate_grad() found a gradient that did not arrive through autograd since the "
+            "last call (edited by hand, or two backward passes in one micro-batch): this step gives no "
+            "noise-scale measurement, and later ones are measured from snapshots of .grad", stacklevel=4)
 
 
 # Host bookkeeping of which .grad tensors an accumulation has seen, kept out of torch.compile:
@@ -680,8 +1001,9 @@ def _grads_since(seen: dict, now: dict) -> tuple[set, bool]:
 
 
 @torch.compiler.disable
-def _remember_grad(seen: dict, position: int, grad: Tensor) -> None:
-    seen[position] = (weakref.ref(grad), sharded.version(grad))
+def _remember_grads(seen: dict, index: dict, params: list) -> None:
+    for p in params:  # .grad read here, not where dynamo traces: it would guard on each tensor's identity
+        seen[index[p]] = (weakref.ref(p.grad), sharded.version(p.grad))
 
 
 def _dense_real(t: Tensor) -> Tensor:

@@ -87,6 +87,21 @@ def _check_sgd_options(group: dict) -> None:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
+_ALLOWED = frozenset(_REAL + _COMPLEX)
+
+
+class _Plan:
+    """What one group's step checked once for the tensors it stepped (by identity): the
+    statistics positions, their single device and dtype (``uniform``), and whether every
+    momentum buffer is already stored in ``state`` (then only new ones are stored)."""
+
+    __slots__ = ("key", "flags", "device", "dtypes", "uniform", "positions", "stored")
+
+    def __init__(self, key, flags, device, dtypes, uniform, positions):
+        self.key, self.flags, self.device, self.dtypes = key, flags, device, dtypes
+        self.uniform, self.positions, self.stored = uniform, positions, False
+
+
 class FusedScaledSGD(Optimizer):
     r"""Drop-in :class:`torch.optim.SGD` whose step is one fused pass that also gathers gradient
     statistics, with the learning rate scaled for the batch size and warmed up.
@@ -162,7 +177,8 @@ class FusedScaledSGD(Optimizer):
     def _caches(self) -> None:
         self._checked: dict[int, tuple] = {}  # group index -> options last validated
         self._lr_cache: dict[int, tuple] = {}  # group index -> (key, lr tensor) while constant
-        self._positions: dict[tuple, list[int]] = {}  # ids of the stepped params -> statistics positions
+        # group index -> _Plan of the parameters it stepped last: what was checked once for them
+        self._plans: dict[int, _Plan] = {}
 
     # ----------------------------------------------------------------- copies
     def __getstate__(self) -> dict:
@@ -251,8 +267,10 @@ class FusedScaledSGD(Optimizer):
 
     def _effective_lr(self, index: int, group: dict) -> Tensor:
         scale = self._group_scale(group)
-        if group["warmup_steps"] or isinstance(scale, Tensor) or isinstance(group["lr"], Tensor):
+        if isinstance(scale, Tensor) or isinstance(group["lr"], Tensor):
             return lr_scaling.effective_lr(group, self._step_count, scale)
+        if group["warmup_steps"]:
+            return lr_scaling.warmup_lr(group, self._step_count, scale)
         # Constant while lr and batch size are: reuse the tensor instead of launching a fill.
         key = (group["lr"], scale)
         cached = self._lr_cache.get(index)
@@ -280,37 +298,65 @@ class FusedScaledSGD(Optimizer):
                 self._check_options(group)
                 self._checked[index] = key
 
-    def _collect(self, group: dict):
-        """The group's parameters with gradients (each once), their gradients and buffers."""
+    def _collect(self, index: int, group: dict):
+        """The group's parameters with gradients (each once), their gradients and buffers.
+
+        What depends only on which tensors these are (duplicates, compiled kernels for their
+        devices, their statistics positions) is checked once per set of tensors and kept as the
+        group's :class:`_Plan`; what can change between steps (dtypes, sparse gradients) is
+        checked every step."""
         params = [p for p in group["params"] if p.grad is not None]
-        if len(set(map(id, params))) != len(params):  # listed twice (torch warns): stepped once
-            params = list({id(p): p for p in params}.values())
+        flags = (group["fused"], group["foreach"], group["differentiable"])
+        plan = self._plans.get(index)
+        key = tuple(map(id, params))
+        if plan is None or plan.key != key or plan.flags != flags or (params and plan.device != params[0].device):
+            plan = None
+            if len(set(key)) != len(params):  # listed twice (torch warns): stepped once
+                params = list({id(p): p for p in params}.values())
         grads = [p.grad for p in params]
         if self.statistics.shards is not None:  # DTensor parameters: each gradient laid out as its parameter
             sharded.check_grads(params, grads)
-        for p, g in zip(params, grads):
-            _check_dtypes(p)
-            if g.is_sparse and (group["fused"] or group["differentiable"]):
+        # (Comprehensions, not map(attrgetter): dynamo traces these when the step is compiled.)
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1 or not dtypes <= _ALLOWED or {g.dtype for g in grads} != dtypes:
+            for p in params:
+                _check_dtypes(p)
+        sparse = any(g.is_sparse for g in grads)
+        if sparse:
+            if group["fused"] or group["differentiable"]:
                 raise RuntimeError("sparse gradients need fused=None or False and differentiable=False")
-        check_sparse(grads, group["weight_decay"])
-        if group["fused"] is None and group["foreach"] is None and not group["differentiable"]:
-            for device_type in {p.device.type for p in params}:
-                ops.check_native(device_type, required=False)
-        elif group["fused"]:
-            for device_type in {p.device.type for p in params}:
-                ops.check_native(device_type, required=True)
+            check_sparse(grads, group["weight_decay"])
+        if plan is None:
+            devices = {p.device for p in params}
+            if group["fused"] is None and group["foreach"] is None and not group["differentiable"]:
+                for device_type in {d.type for d in devices}:
+                    ops.check_native(device_type, required=False)
+            elif group["fused"]:
+                for device_type in {d.type for d in devices}:
+                    ops.check_native(device_type, required=True)
         bufs = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
-        # A module moved or cast after buffers were made (.double(), .to(device)): as torch's
-        # SGD goes on, the buffer follows its parameter (stored back only once the step is done).
-        bufs = [b if b is None or b.is_sparse or (b.dtype == p.dtype and b.device == p.device)
-                else b.to(device=p.device, dtype=p.dtype) for p, b in zip(params, bufs)]
-        return params, grads, bufs
+        if plan is None or plan.dtypes != dtypes:
+            # A module moved or cast after buffers were made (.double(), .to(device)): as torch's
+            # SGD goes on, the buffer follows its parameter (stored back only once the step is done).
+            bufs = [b if b is None or b.is_sparse or (b.dtype == p.dtype and b.device == p.device)
+                    else b.to(device=p.device, dtype=p.dtype) for p, b in zip(params, bufs)]
+        if plan is None or plan.dtypes != dtypes:
+            # One device and dtype, checked when the tensors (or their dtype) change: the fused
+            # function then takes them as one bucket without grouping them again.
+            self._plans[index] = plan = _Plan(
+                tuple(map(id, params)), flags, params[0].device if params else None, dtypes,
+                len(devices if plan is None else {p.device for p in params}) == 1 and len(dtypes) == 1,
+                self.statistics.positions(params))
+        return params, grads, bufs, plan.uniform and not sparse
 
     def _check_params(self) -> None:
         """Parameters appended to a group's list by hand (as when unfreezing layers) join the
         statistics; any other change of the parameter lists is refused before anything is written."""
-        params = self._all_params()
         known = self.statistics.params
+        listed = [p for group in self.param_groups for p in group["params"]]
+        if len(listed) == len(known) and all(a is b for a, b in zip(listed, known)):
+            return  # as they were (each once): the common case, without hashing every tensor
+        params = self._all_params()
         if len(params) == len(known) and all(a is b for a, b in zip(params, known)):
             return
         if len(params) < len(known) or any(a is not b for a, b in zip(params, known)):
@@ -332,12 +378,15 @@ class FusedScaledSGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        collected = [self._collect(group) for group in self.param_groups]  # every check before a write
+        # every check before a write
+        collected = [self._collect(index, group) for index, group in enumerate(self.param_groups)]
         norms, positions = [], []
-        for index, (group, (params, grads, bufs)) in enumerate(zip(self.param_groups, collected)):
+        for index, (group, (params, grads, bufs, uniform)) in enumerate(zip(self.param_groups, collected)):
             if not params:
                 continue
             pure_torch = group["fused"] is False or (group["foreach"] is not None and not group["fused"])
+            # Buffers to store back after the step: those it creates, or all after a move or cast.
+            new_bufs = [i for i, b in enumerate(bufs) if b is None] if self._plans[index].stored else None
             norms.append(fused_scaled_sgd(
                 params, grads, bufs,
                 lr=self._effective_lr(index, group),
@@ -350,18 +399,17 @@ class FusedScaledSGD(Optimizer):
                 found_inf=found_inf,
                 fused=False if pure_torch else group["fused"],
                 differentiable=group["differentiable"],
+                uniform=uniform,
             ).detach())
-            key = tuple(map(id, params))
-            found = self._positions.get(key)
-            if found is None:
-                found = self._positions[key] = self.statistics.positions(params)
-            positions += found
+            plan = self._plans[index]
+            positions += plan.positions
             if group["momentum"] != 0:
-                for p, b in zip(params, bufs):
-                    if b is not None:
-                        self.state[p]["momentum_buffer"] = b
+                for i in range(len(params)) if new_bufs is None else new_bufs:
+                    if bufs[i] is not None:
+                        self.state[params[i]]["momentum_buffer"] = bufs[i]
+                plan.stored = all(b is not None for b in bufs)
         last, _ = self.statistics.per_tensor(norms, positions)
-        self.statistics.on_step(last, found_inf)
+        self.statistics.on_step(last, found_inf, grad_scale)
         if found_inf is None:
             self._step_count.add_(1)
         else:
@@ -391,8 +439,10 @@ class FusedScaledSGD(Optimizer):
 
         Call it after each micro-batch's backward. ``.grad`` keeps accumulating as usual (so
         gradient clipping and GradScaler's inf check see the whole gradient, and ``step()``
-        matches plain accumulation); this takes each micro-batch's squared gradient norm in one
-        fused pass, for the noise-scale estimate (B_small = micro-batch, B_big = all of them).
+        matches plain accumulation); this takes each micro-batch's squared gradient norm, for
+        the noise-scale estimate (B_small = micro-batch, B_big = all of them): from a snapshot
+        of ``.grad`` in one fused pass, or, once a step has shown every gradient arriving
+        through autograd, from hooks that read each gradient as autograd adds it to ``.grad``.
         The big-batch norm is that of the accumulated gradient as the last call saw it, so
         clipping or unscaling ``.grad`` before ``step()`` does not change the statistics.
 

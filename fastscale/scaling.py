@@ -109,3 +109,12 @@ def effective_lr(group: dict, step: Tensor, scale: float | Tensor) -> Tensor:
         factor = scale
     lr = group["lr"]
     return factor * (lr.to(device=step.device, dtype=step.dtype) if isinstance(lr, Tensor) else lr)
+
+
+def warmup_lr(group: dict, step: Tensor, scale: float) -> Tensor:
+    """:func:`effective_lr` for a float lr and a host scale, in two device ops:
+    ``lr·scale·(s + (1 - s)·min(t/T, 1)) = a + c·min(t, T)`` with a = lr·scale·s, c = lr·scale·(1 - s)/T."""
+    steps, start = group["warmup_steps"], group["warmup_start_factor"]
+    start = 1.0 / scale if start is None else start
+    target = group["lr"] * scale
+    return torch.clamp(step, max=steps).mul_(target * (1.0 - start) / steps).add_(target * start)

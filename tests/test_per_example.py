@@ -187,8 +187,9 @@ def test_mlp_on_sequences_uses_both_forms(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(per_example, "_gram_sq", spy("gram", per_example._gram_sq))
-    monkeypatch.setattr(per_example, "_materialised_sq", spy("materialise", per_example._materialised_sq))
+    forms_of = per_example.common  # where the Linear and Conv rules find the two forms
+    monkeypatch.setattr(forms_of, "_gram_sq", spy("gram", forms_of._gram_sq))
+    monkeypatch.setattr(forms_of, "_materialised_sq", spy("materialise", forms_of._materialised_sq))
     # "auto" takes the Gram form where T (d_in + d_out) < d_in d_out, with T = 10:
     # 6->40: 460 > 240 and 40->3: 430 > 120 materialise; 40->40: 800 < 1600 is Gram.
     want = {
@@ -560,3 +561,40 @@ def test_module_returning_a_tuple_is_refused_by_the_fallback():
     x = torch.randn(3, 5, 4)
     with pytest.raises(ValueError, match="returns tuple"):
         model[0](x, x, x)
+
+
+# ---------------------------------------------------------------------------- the rule registry
+
+
+class Scale(nn.Module):
+    """y = x * w over the last dim: a layer type without a built-in rule."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_a_registered_rule_is_all_a_new_layer_needs(monkeypatch):
+    """One function registered for a type (here in the test, as a rule module would) and the
+    hooks use it: exact per-example norms where the type was unsupported before."""
+    from fastscale.per_example import registry
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), Scale(4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    ce = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
+    with pytest.raises(Exception, match="Scale"):
+        run_hooks(model, x, y, ce, "mean")  # no rule, no fallback: refused, naming the layer
+    model.zero_grad()
+
+    def scale_sq(mod, uses, method):  # g_i = sum over positions of x * delta
+        return sum((u.args[0] * u.grad).reshape(u.grad.shape[0], -1, u.grad.shape[-1]).sum(1)
+                   for u in uses).square().sum(1)
+
+    monkeypatch.setitem(registry.RULES, Scale, scale_sq)
+    check(model, x, y, ce)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(Scale)(scale_sq)

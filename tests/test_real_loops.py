@@ -10,11 +10,13 @@ average is exactly the last step's estimate, so each step is checked on its own:
 - misuse that cannot be made right (two calls with no backward) raises and changes nothing.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from fastscale import FusedScaledSGD, NoiseScaleConfig
+from fastscale import FusedScaledSGD, NoiseScaleConfig, noise_scale
 from fastscale.noise_scale import two_batch_estimates
 
 EXACT = NoiseScaleConfig(beta=0.0, min_updates=0)
@@ -263,3 +265,131 @@ def test_accumulate_without_any_batch_size_raises_and_retry_works(impl):
     opt.accumulate_grad(batch_size=6, loss_scale=0.5)
     opt.step()
     check(opt, expected)
+
+
+# ----------------------------------------------------------------- micro-batch norms from hooks
+# From the second accumulation on, accumulate_grad takes each micro-batch's norms from autograd
+# hooks as the gradient arrives (no snapshot of .grad); the snapshot path is the oracle.
+
+
+def loop_step(model, opt, batches, dtype, reset="opt", clip=None, edit=None):
+    """One step of three (or k) micro-batches with loss scale 1/k; returns whether the hooks
+    measured it. ``edit(model, i)`` runs after micro-batch i's backward (its own backwards)."""
+    if reset == "opt":
+        opt.zero_grad()
+    elif reset == "model":
+        model.zero_grad()
+    else:
+        for p in model.parameters():
+            p.grad = None
+    k = len(batches)
+    for i, (x, y, expert) in enumerate(batches):
+        if edit is None or not edit(model, i, x.to(dtype), y.to(dtype), expert):
+            ((model(x.to(dtype), expert) - y.to(dtype)).square().mean() / k).backward()
+        opt.accumulate_grad(loss_scale=1 / k)
+    hooked = opt.statistics._accumulation.hooks
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip)
+    opt.step()
+    return hooked
+
+
+def hooked_and_snapshot(seed, dtype, batch_size, impl):
+    """Two identical models and optimizers; the second measures from snapshots only (the path
+    the hooks replace: their oracle)."""
+    torch.manual_seed(seed)
+    model = Net().to(dtype)
+    twin = copy.deepcopy(model)
+    opt = FusedScaledSGD(model.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, batch_size=batch_size, **impl)
+    ref = FusedScaledSGD(twin.parameters(), lr=0.05, momentum=0.9, noise_scale=EXACT, batch_size=batch_size, **impl)
+    ref.statistics._hooks_failed = True
+    return model, opt, twin, ref
+
+
+def assert_same_figures(opt, ref, rtol):
+    """|G|², tr(Σ), total and per tensor, equal up to ``rtol`` of their size; |G|² is a
+    difference of terms of the size of tr(Σ)/B, so its rounding is relative to tr(Σ) (check())."""
+    got, want = opt.gradient_stats(), ref.gradient_stats()
+    atol = rtol * abs(want["trace_cov"])
+    for key in ("grad_sq_norm", "trace_cov", "grad_sq_norm_per_tensor", "trace_cov_per_tensor"):
+        torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("clip", [1e-2, None], ids=["clipped", "unclipped"])
+@pytest.mark.parametrize("reset", ["opt", "model", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_hooked_norms_equal_the_snapshot_path(dtype, reset, clip, impl):
+    """Three micro-batches, an expert whose gradient appears late (or not at all), with or
+    without clipping before the step (|.grad|² from the hooks' cross terms, or the step's own
+    norm), each way of resetting: every figure equals the snapshot path's."""
+    model, opt, twin, ref = hooked_and_snapshot(5, dtype, 18, impl)
+    patterns = [[True] * 3, [False, True, True], [True, False, True], [False, False, True], [False] * 3, [True] * 3]
+    hooked = []
+    # The snapshot kernels return squared norms rounded to fp32, the hooks in the gradient's dtype.
+    rtol = 1e-5 if dtype == torch.float64 else 2e-4
+    for step, experts in enumerate(patterns):
+        batches = micro_batches(3, experts=experts, seed=step)
+        hooked.append(loop_step(model, opt, batches, dtype, reset, clip=clip))
+        assert not loop_step(twin, ref, batches, dtype, reset, clip=clip)
+        assert_same_figures(opt, ref, rtol)
+    assert hooked == [False] + [True] * (len(patterns) - 1)
+    assert all(snap is None for snap in opt.statistics.snapshots)  # no parameter-sized buffer kept
+
+
+def two_backwards(model, i, x, y, expert):
+    """Micro-batch 1's loss backpropagated in two halves: two gradients in one micro-batch."""
+    if i != 1:
+        return False
+    for half in ((model(x, expert) - y).square().mean() / 2 / 2, (model(x, expert) - y).square().mean() / 2 / 2):
+        half.backward()
+    return True
+
+
+def clip_after_backward(model, i, x, y, expert):
+    """A .grad edited after micro-batch 1's backward (per-micro-batch clipping)."""
+    if i == 1:
+        ((model(x, expert) - y).square().mean() / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("edit", [two_backwards, clip_after_backward], ids=["two-backwards", "clip-after-backward"])
+def test_a_gradient_the_hooks_cannot_account_for(edit, monkeypatch, impl):
+    """Two backwards in one micro-batch, or .grad edited after a backward: the hooked step
+    cannot be measured exactly, so it gives no measurement (and warns); from the next step on
+    the snapshot path measures, exactly as a loop that never trusted the hooks."""
+    monkeypatch.setattr(noise_scale, "_hooks_warned", False)
+    model, opt, twin, ref = hooked_and_snapshot(6, torch.float64, 12, impl)
+    for step in range(2):
+        batches = micro_batches(2, seed=step)
+        loop_step(model, opt, batches, torch.float64)
+        loop_step(twin, ref, batches, torch.float64)
+    updates = opt.statistics.estimator.updates.clone()
+    batches = micro_batches(2, seed=2)
+    with pytest.warns(UserWarning, match="did not arrive through autograd"):
+        assert loop_step(model, opt, batches, torch.float64, edit=edit)
+    loop_step(twin, ref, batches, torch.float64, edit=edit)
+    assert torch.equal(opt.statistics.estimator.updates, updates)  # no measurement this step
+    for step in range(3, 5):
+        batches = micro_batches(2, seed=step)
+        assert not loop_step(model, opt, batches, torch.float64, edit=edit)
+        loop_step(twin, ref, batches, torch.float64, edit=edit)
+        assert_same_figures(opt, ref, 1e-5)
+
+
+def test_a_loop_that_starts_clipping_loses_one_measurement(impl):
+    """Unclipped steps take |.grad|² from the step; the first clipped one finds .grad edited
+    since the last call and gives no measurement; from then on the hooks take the cross terms
+    and every step is measured as the snapshot path measures it."""
+    model, opt, twin, ref = hooked_and_snapshot(7, torch.float64, 12, impl)
+    for step in range(7):
+        clip = None if step < 4 else 1e-3
+        updates = opt.statistics.estimator.updates.clone()
+        batches = micro_batches(2, seed=step)
+        assert loop_step(model, opt, batches, torch.float64, clip=clip) == (step > 0)
+        loop_step(twin, ref, batches, torch.float64, clip=clip)
+        if step == 4:
+            assert torch.equal(opt.statistics.estimator.updates, updates)
+        else:
+            assert_same_figures(opt, ref, 1e-5)

@@ -1,0 +1,34 @@
+"""One place that says which layer types have a per-example rule: each rule module registers
+its types with :func:`register`; :func:`kind` finds the rule for a module.
+
+A rule is ``rule(module, uses, method) -> Tensor [B]``: the squared norm of each example's
+gradient of the module's own trainable parameters, from its recorded calls (``uses``: input
+args and output gradient of each call) and the forward/Gram choice ``method``. Adding a layer
+type is one module with one registered function, imported in ``__init__``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+RULES: dict[type, object] = {}  # layer base class -> rule, in registration order
+
+
+def register(*types: type):
+    """Class decorator-style: ``@register(nn.Linear)`` over a rule function."""
+    def add(rule):
+        for t in types:
+            if t in RULES:
+                raise ValueError(f"a per-example rule for {t.__name__} is already registered")
+            RULES[t] = rule
+        return rule
+    return add
+
+
+def kind(module: nn.Module) -> type | None:
+    """The registered base class whose math applies, or None. A subclass that overrides
+    ``forward`` (a LoRA wrapper, a quantised linear) computes something else: unsupported."""
+    for base in RULES:
+        if isinstance(module, base):
+            return base if type(module).forward is base.forward else None
+    return None
