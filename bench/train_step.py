@@ -10,12 +10,12 @@ micro-batches of 16 sequences. Candidates, each on its own copy of the same mode
   torch_fused          torch.optim.SGD(fused=True), no statistics (the reference)
   fastscale            FusedScaledSGD(fused=True), no statistics source
   fastscale_accum      + noise_scale=True and accumulate_grad() after each micro-batch
-                       (micro-batch norms from autograd hooks, |.grad|² from the step)
+                       (micro-batch norms and |.grad|² from autograd hooks: |g|², g·T)
   fastscale_accum_snap the same, measured from snapshots of .grad (the path before the hooks)
   fastscale_per_ex     + noise_scale=True and per-example norms (PerExampleGradNorms) over the
                        whole batch in one backward (B_small = 1)
   torch_fused_clip, fastscale_accum_clip
-                       clip_grad_norm_ before the step (the hooks then also take g·T);
+                       clip_grad_norm_ before the step;
                        ratio against torch_fused_clip
 
 Every round runs one step of each candidate, in a shuffled order, and divides each one's time

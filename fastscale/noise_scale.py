@@ -468,11 +468,9 @@ class _Accumulation:
     def __init__(self, hooks: bool = False):
         # hooks: each micro-batch's norms come from the gradients autograd hands to .grad
         # (_MicroBatchCapture), otherwise from the snapshots (StatisticsTracker.snapshots).
-        # cross: the hooks also take g·T, and big_pt holds |.grad|² as of the last call (for
-        # loops that edit .grad before the step); without it |.grad|² is the step's own norm.
+        # big_pt: with hooks, |.grad|² as of the last call, from the hooks' |g|² and g·T.
         # broken: a hooked call could not be measured exactly: this step gives no measurement.
         self.hooks = hooks
-        self.cross = False
         self.big_pt: Tensor | None = None
         self.broken = False
         self.loss_scales: list[float] = []
@@ -611,7 +609,6 @@ class StatisticsTracker:
         # --- all checks passed: write
         if acc is None:
             acc, kept = _Accumulation(hooks=self._hooks_trusted and not self._hooks_failed), set()
-            acc.cross = acc.hooks and self._capture is not None and self._capture.cross
             if acc.hooks:
                 self.snapshots = [None] * len(self.params)  # their memory back: hooks from now on
         acc.seen = {i: v for i, v in acc.seen.items() if i in kept}  # reset ones are measured afresh
@@ -676,7 +673,7 @@ class StatisticsTracker:
     @torch.compiler.disable
     def _from_hooks(self, acc: _Accumulation, params: list[Tensor], kept: set) -> Tensor | None:
         """Per-tensor |micro-batch gradient|² from what the hooks computed as each gradient
-        arrived (no snapshot: one read of the gradient, while it is fresh); with ``acc.cross``,
+        arrived (no snapshot: one read of the gradient, while it is fresh), and
         ``acc.big_pt`` <- |.grad|² now, as |T + g|² = |T|² + 2 g·T + |g|². A continuing gradient
         the hooks cannot account for (edited by hand, two backwards in one micro-batch) breaks
         the step: no measurement, a warning, and snapshots from the next accumulation on."""
@@ -688,7 +685,7 @@ class StatisticsTracker:
             i = self.index[p]
             verdict = cap.verdict(i, p.grad, acc.seen.get(i) if i in kept else None)
             if verdict == "hooked" and i in cap.norms and (
-                    i in kept and (cap.norms[i] or not acc.cross) or i not in kept and cap.before.get(i) is None):
+                    i in kept and cap.norms[i] or i not in kept and cap.before.get(i) is None):
                 hooked.append(i)
             elif verdict == "unchanged":
                 continue  # no gradient this micro-batch: 0, and |.grad|² as it was
@@ -705,12 +702,11 @@ class StatisticsTracker:
         if hooked:
             a, d = cap.gathered(len(self.params), self.device)
             micro = torch.where(self._mask_of(hooked), a, 0.0)
-            if acc.cross:
-                continuing = self._mask_of([i for i in hooked if i in kept])
-                fresh = self._mask_of([i for i in hooked if i not in kept])
-                big = acc.big_pt
-                total = torch.where(continuing, big + 2 * d + a, big)  # |T + g|², T = .grad before g
-                acc.big_pt = torch.where(fresh, a, total)
+            continuing = self._mask_of([i for i in hooked if i in kept])
+            fresh = self._mask_of([i for i in hooked if i not in kept])
+            big = acc.big_pt
+            total = torch.where(continuing, big + 2 * d + a, big)  # |T + g|², T = .grad before g
+            acc.big_pt = torch.where(fresh, a, total)
         else:
             micro = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
         if direct:
@@ -724,33 +720,15 @@ class StatisticsTracker:
         return micro
 
     @torch.compiler.disable
-    def _big_from_hooks(self, acc: _Accumulation, seen: list[int], last_norms: Tensor, grad_scale: Tensor | None):
-        """|.grad|² per tensor as the last call saw it, for a hooked accumulation: from the
-        hooks' cross terms (``acc.cross``), or else the step's own norms when nothing edited
-        ``.grad`` since. A loop found editing ``.grad`` before the step gets cross terms from
-        the next accumulation on (this step: no measurement); one found not editing it, none."""
+    def _big_from_hooks(self, acc: _Accumulation, seen: list[int]):
+        """|.grad|² per tensor as the last call saw it, for a hooked accumulation, from the
+        hooks' cross terms. Always from them, never from the step's own norms: an edit of
+        ``.grad`` before the step (clipping, unscaling, a ``.data`` edit that no version
+        counter sees) must not reach the statistics."""
         if acc.broken or self._capture is None:
             return None, None
-        unedited = not self._learn_cross(acc, seen)
         present = self.per_tensor([torch.ones(len(seen), device=self.device)], seen)[1]
-        if acc.cross:
-            return torch.where(present, acc.big_pt, 0.0), present
-        if not unedited:
-            return None, None
-        big_pt = torch.where(present, last_norms.to(self.device, torch.float64), 0.0)
-        if grad_scale is not None:  # the step's norms are of the unscaled gradient .grad / s
-            big_pt = big_pt * grad_scale.to(self.device, torch.float64).reshape(1).square()
-        return big_pt, present
-
-    @torch.compiler.disable
-    def _learn_cross(self, acc: _Accumulation, seen: list[int]) -> bool:
-        """Whether the loop edited ``.grad`` between the last call and the step (clipping,
-        unscaling): if so the hooks take the cross terms from the next accumulation on. Learned
-        from snapshot-measured steps too, so the first hooked step already knows."""
-        edited = not all(_same(acc.seen[i], self.params[i].grad) for i in seen)
-        if self._capture is not None:
-            self._capture.cross = edited
-        return edited
+        return torch.where(present, acc.big_pt, 0.0), present
 
     def _mask_of(self, positions: list[int]) -> Tensor:
         key = ("mask", *positions)
@@ -768,7 +746,7 @@ class StatisticsTracker:
             idx = self._indices[key] = torch.tensor(positions, dtype=torch.long, device=self.device)
         return idx
 
-    def _finish_accumulation(self, last_norms: Tensor, grad_scale: Tensor | None) -> Measurement | None:
+    def _finish_accumulation(self) -> Measurement | None:
         """The accumulated micro-batches as one measurement; the big-batch norm is that of the
         raw accumulated gradient, read from the snapshots (never from a clipped .grad)."""
         acc = self._accumulation
@@ -785,12 +763,10 @@ class StatisticsTracker:
         b_small = k / sum(1.0 / bi for bi in sizes)  # mean of |G_i|²: variance term tr(Σ)·mean(1/b_i)
         seen = sorted(acc.seen)
         if acc.hooks:
-            big_pt, present = self._big_from_hooks(acc, seen, last_norms, grad_scale)
+            big_pt, present = self._big_from_hooks(acc, seen)
             if big_pt is None:
                 return None
         else:
-            if self._capture is not None:
-                self._learn_cross(acc, seen)
             big_pt, present = self.per_tensor(*squared_norms_at([self.snapshots[i] for i in seen], seen))
         big_pt = big_pt.double()
         if acc.amp_divisor is not None:
@@ -804,11 +780,11 @@ class StatisticsTracker:
         )
 
     # ----------------------------------------------------------------- the step
-    def on_step(self, last_norms: Tensor, skip: Tensor | None, grad_scale: Tensor | None = None) -> None:
+    def on_step(self, last_norms: Tensor, skip: Tensor | None) -> None:
         """After the optimizer step: keep the stepped gradient's norms and fold this step's
         measurement into the estimator (skipped on an AMP overflow, on the device)."""
         self.last_norms = last_norms
-        m = self._pending if self._pending is not None else self._finish_accumulation(last_norms, grad_scale)
+        m = self._pending if self._pending is not None else self._finish_accumulation()
         self.reset()
         if self.shards is not None:  # DTensor parameters: the step's one collective
             self.last_norms, m = self.shards.sum_over_shards(last_norms, m)
@@ -823,7 +799,7 @@ class _MicroBatchCapture:
     """Each micro-batch's gradient as autograd hands it to ``.grad``, measured on arrival.
 
     A tensor hook on each parameter sees the gradient g of one backward before autograd adds
-    it into ``.grad`` T (AccumulateGrad); with ``compute`` on it takes |g|², g·T and |T|² then,
+    it into ``.grad`` T (AccumulateGrad); with ``compute`` on it takes |g|² and g·T then,
     while g is fresh (so |T + g|² = |T|² + 2 g·T + |g|² needs no snapshot). A post-accumulate
     hook records which tensor ``.grad`` is afterwards and its version, so a later call can tell
     whether anything else wrote ``.grad`` in between (:meth:`verdict`). Between two
@@ -831,10 +807,9 @@ class _MicroBatchCapture:
     anything else is "unknown" and measured otherwise.
     """
 
-    def __init__(self, params: list[Tensor], compute: bool = False, cross: bool = True):
+    def __init__(self, params: list[Tensor], compute: bool = False):
         self.params = list(params)
         self.compute = compute  # take the norms (once the hooks are trusted)
-        self.cross = cross  # take g·T too (the loop edits .grad between the last call and the step)
         self.handles = []
         # The hooks write |g|² and g·T straight into one buffer per (device, compute dtype), a
         # 0-dim view per parameter, so a call reads them with a few ops whatever the count.
@@ -876,10 +851,10 @@ class _MicroBatchCapture:
 
     def __deepcopy__(self, memo):
         # The copy hooks the copied parameters (those of a deep-copied model and optimizer).
-        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute, self.cross)
+        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute)
 
     def __reduce__(self):
-        return _MicroBatchCapture, (self.params, self.compute, self.cross)
+        return _MicroBatchCapture, (self.params, self.compute)
 
     def verdict(self, i: int, grad: Tensor, seen: tuple | None) -> str:
         """How ``.grad`` (``grad``) of position i got where it is since the last call, whose
@@ -956,7 +931,7 @@ def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
             a.copy_(torch.dot(g, g))
         else:
             torch.dot(g, g, out=a)
-        cross = old is not None and cap.cross
+        cross = old is not None
         if cross:
             t = old.detach()
             t = (torch.view_as_real(t) if t.is_complex() else t.float() if t.dtype in _LOW else t).reshape(-1)

@@ -409,7 +409,7 @@ class FusedScaledSGD(Optimizer):
                         self.state[params[i]]["momentum_buffer"] = bufs[i]
                 plan.stored = all(b is not None for b in bufs)
         last, _ = self.statistics.per_tensor(norms, positions)
-        self.statistics.on_step(last, found_inf, grad_scale)
+        self.statistics.on_step(last, found_inf)
         if found_inf is None:
             self._step_count.add_(1)
         else:
