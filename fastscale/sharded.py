@@ -195,7 +195,6 @@ class ShardLayout:
         """The step's one collective: the last step's per-tensor norms and the measurement's local
         figures, summed over the shards (replicas counted once) and averaged over data-parallel
         ranks where they are per-example. Returns (last_norms, measurement) as whole-tensor figures."""
-        n = last_norms.numel()
         w = self.weights
         parts = [last_norms.double() * w]
         local_pt = () if m is None else tuple(k for k in m.local_pt if getattr(m, k) is not None)

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from fastscale import FusedScaledSGD, NoiseScaleConfig
+from fastscale import FusedScaledSGD
 
 D1, D2, SIGMA = 6, 4, 0.7
 

@@ -51,12 +51,10 @@ import weakref
 import torch
 
 try:
-    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.callbacks import LearningRateMonitor as _StockLearningRateMonitor
     from lightning.pytorch.utilities.data import extract_batch_size
 except ImportError:  # the standalone package
-    import pytorch_lightning as pl  # noqa: F401
     from pytorch_lightning.callbacks import Callback
     from pytorch_lightning.callbacks import LearningRateMonitor as _StockLearningRateMonitor
     from pytorch_lightning.utilities.data import extract_batch_size
