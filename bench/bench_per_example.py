@@ -12,8 +12,9 @@ the candidate needs to turn its hooks' output into a [B] vector of squared norms
   plain      loss.backward()
   fastscale  loss.backward(); norms.squared_norms()
   fastscale-unfused
-             the same with fused_conv=False (conv layers keep their own forward/backward, the
-             per-example weight gradients are computed on top; differs only on the CNN)
+             the same with fused_conv=False, fused_linear=False (conv layers and Linear layers
+             on sequences keep their own forward/backward, the per-example weight gradients
+             are computed on top; differs on the CNN and the transformer)
   opacus     loss.backward() through opacus.GradSampleModule (materialises p.grad_sample,
              [B, *p.shape] per parameter); then sum_p |grad_sample_p|^2 per example.
 All candidates start from the same weights and inputs. Opacus is optional: if it does not
@@ -128,7 +129,8 @@ def make_step(case: str, candidate: str):
         def reduce():
             return sum(p.grad_sample.flatten(1).square().sum(1) for p in params)
     elif candidate.startswith("fastscale"):
-        norms = PerExampleGradNorms(model, loss_reduction="mean", fused_conv=candidate == "fastscale")
+        fused = candidate == "fastscale"
+        norms = PerExampleGradNorms(model, loss_reduction="mean", fused_conv=fused, fused_linear=fused)
         reduce = norms.squared_norms
     else:
         reduce = None

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import reference, sharded
+from . import ops, reference, sharded
 
 
 @dataclass(frozen=True)
@@ -811,19 +811,18 @@ class _MicroBatchCapture:
         self.params = list(params)
         self.compute = compute  # take the norms (once the hooks are trusted)
         self.handles = []
-        # The hooks write |g|² and g·T straight into one buffer per (device, compute dtype), a
-        # 0-dim view per parameter, so a call reads them with a few ops whatever the count.
-        self.groups: dict = {}  # (device, dtype) -> [positions, |g|² buffer, g·T buffer]
-        self.slots: dict[int, tuple] = {}  # position -> (|g|² view, g·T view)
+        # The hooks write (|g|², g·T) straight into one (n, 2) buffer per (device, compute dtype),
+        # a 2-element row per parameter, so a call reads them with a few ops whatever the count.
+        self.groups: dict = {}  # (device, dtype) -> [positions, (n, 2) buffer]
+        self.slots: dict[int, Tensor] = {}  # position -> its row of the buffer
         for i, p in enumerate(self.params):
             dtype = torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
-            group = self.groups.setdefault((p.device, dtype), [[], None, None])
+            group = self.groups.setdefault((p.device, dtype), [[], None])
             group[0].append(i)
         for (device, dtype), group in self.groups.items():
-            group[1] = torch.zeros(len(group[0]), dtype=dtype, device=device)
-            group[2] = torch.zeros(len(group[0]), dtype=dtype, device=device)
+            group[1] = torch.zeros(len(group[0]), 2, dtype=dtype, device=device)
             for row, i in enumerate(group[0]):
-                self.slots[i] = (group[1][row], group[2][row])
+                self.slots[i] = group[1][row]
         me = weakref.ref(self)
         for i, p in enumerate(self.params):
             # Plain tensors only: a tensor subclass (a DTensor shard) is left to the snapshots,
@@ -875,16 +874,14 @@ class _MicroBatchCapture:
         """The |g|² and g·T buffers as fp64 vectors over all ``n`` positions on ``device``
         (stale where no gradient arrived this micro-batch: the caller masks them)."""
         if len(self.groups) == 1:
-            (positions, a, d), = self.groups.values()
+            (positions, buf), = self.groups.values()
             if len(positions) == n:
-                return a.to(device, torch.float64), d.to(device, torch.float64)
-        out_a = torch.zeros(n, dtype=torch.float64, device=device)
-        out_d = torch.zeros(n, dtype=torch.float64, device=device)
-        for positions, a, d in self.groups.values():
-            idx = torch.tensor(positions, device=device)
-            out_a.index_copy_(0, idx, a.to(device, torch.float64))
-            out_d.index_copy_(0, idx, d.to(device, torch.float64))
-        return out_a, out_d
+                buf = buf.to(device, torch.float64)
+                return buf[:, 0], buf[:, 1]
+        out = torch.zeros(n, 2, dtype=torch.float64, device=device)
+        for positions, buf in self.groups.values():
+            out.index_copy_(0, torch.tensor(positions, device=device), buf.to(device, torch.float64))
+        return out[:, 0], out[:, 1]
 
 
 def _same(record: tuple | None, grad: Tensor | None) -> bool:
@@ -907,7 +904,7 @@ def _outside_dynamo(fn):
     return fn
 
 
-_LOW = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # arrival_norms_'s
 
 
 @_outside_dynamo
@@ -922,24 +919,31 @@ def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
     old = cap.params[i].grad
     cap.before[i] = None if old is None else (weakref.ref(old), old._version)
     if cap.compute and not grad.is_sparse and (old is None or not old.is_sparse):
-        # |g|² (and g·T) in the compute dtype, complex as (re, im) pairs; detached, so a
-        # create_graph backward records nothing.
+        # (|g|², g·T) in one read of each (fastscale::arrival_norms_), complex as (re, im)
+        # pairs; detached, so a create_graph backward records nothing.
         g = grad.detach()
-        g = (torch.view_as_real(g) if g.is_complex() else g.float() if g.dtype in _LOW else g).reshape(-1)
-        a, d = cap.slots[i]
-        if a.dtype != g.dtype or a.device != g.device:  # cast or moved since: a copy
-            a.copy_(torch.dot(g, g))
-        else:
-            torch.dot(g, g, out=a)
-        cross = old is not None
-        if cross:
+        g = torch.view_as_real(g) if g.is_complex() else g
+        t = None
+        if old is not None:
             t = old.detach()
-            t = (torch.view_as_real(t) if t.is_complex() else t.float() if t.dtype in _LOW else t).reshape(-1)
-            if d.dtype != g.dtype or d.device != g.device:
-                d.copy_(torch.dot(g, t))
-            else:
-                torch.dot(g, t, out=d)
-        cap.norms[i] = cross
+            t = torch.view_as_real(t) if t.is_complex() else t
+        slot = cap.slots[i]
+        if slot.device != g.device or g.dtype not in _KERNEL_DTYPES or t is not None and (
+                t.dtype != g.dtype or t.shape != g.shape or t.device != g.device):
+            # Cast or moved since the hooks were made: the twin, which casts (a hook must never
+            # raise: the op's input checks would break the user's backward).
+            slot.copy_(_arrival_norms_anywhere(g, t))
+        else:
+            ops.arrival_norms_(slot, g, t)
+        cap.norms[i] = old is not None
+
+
+def _arrival_norms_anywhere(g: Tensor, t: Tensor | None) -> Tensor:
+    """(|g|², g·t) in fp64 for any dtypes and devices, t brought to g's."""
+    out = torch.empty(2, dtype=torch.float64, device=g.device)
+    g = g.double() if g.dtype not in (torch.float32, torch.float64) else g
+    reference.arrival_norms_(out, g, None if t is None else t.to(g.device, g.dtype))
+    return out
 
 
 @_outside_dynamo

@@ -31,8 +31,11 @@ _lib.define(
     "accumulate_grad_(Tensor(a!)[] snapshots, Tensor[] grads, *, bool first) -> Tensor"
 )
 
+_lib.define("arrival_norms_(Tensor(a!) out, Tensor grad, Tensor? accumulated) -> ()")
+
 _lib.impl("fused_sgd_", reference.fused_sgd_, "CompositeExplicitAutograd")
 _lib.impl("accumulate_grad_", reference.accumulate_grad_, "CompositeExplicitAutograd")
+_lib.impl("arrival_norms_", reference.arrival_norms_, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastscale::fused_sgd_")
@@ -47,6 +50,11 @@ def _accumulate_grad_fake(snapshots, grads, **_):
     return torch.empty(len(grads), dtype=torch.float32, device=device)
 
 
+@torch.library.register_fake("fastscale::arrival_norms_")
+def _arrival_norms_fake(out, grad, accumulated):
+    return None
+
+
 def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> Tensor:
     """``torch.ops.fastscale.fused_sgd_``; see :func:`fastscale.reference.fused_sgd_`."""
     return torch.ops.fastscale.fused_sgd_(params, grads, momentum_buffers, **kwargs)
@@ -55,6 +63,11 @@ def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> Tensor:
 def accumulate_grad_(snapshots, grads, **kwargs) -> Tensor:
     """``torch.ops.fastscale.accumulate_grad_``; see :func:`fastscale.reference.accumulate_grad_`."""
     return torch.ops.fastscale.accumulate_grad_(snapshots, grads, **kwargs)
+
+
+def arrival_norms_(out, grad, accumulated) -> None:
+    """``torch.ops.fastscale.arrival_norms_``; see :func:`fastscale.reference.arrival_norms_`."""
+    torch.ops.fastscale.arrival_norms_(out, grad, accumulated)
 
 
 # DTensors (FSDP2, tensor parallelism): every op runs on the local shards and returns local

@@ -128,3 +128,22 @@ def accumulate_grad_(snapshots: list[Tensor], grads: list[Tensor], *, first: boo
     norms = squared_norms(micro, device)
     torch._foreach_copy_(snapshots, grads)
     return norms
+
+
+def arrival_norms_(out: Tensor, grad: Tensor, accumulated: Tensor | None) -> None:
+    r"""One micro-batch's gradient ``grad`` as autograd hands it to ``.grad``, whose value
+    before it is added is ``accumulated`` (None: no ``.grad`` yet)::
+
+        out[0] <- sum(g²)      (this micro-batch's squared norm)
+        out[1] <- sum(g · t)   (the cross term: |t + g|² = |t|² + 2 g·t + |g|²; 0 without t)
+
+    Computed in fp32 (fp64 for fp64) while g is fresh, so no snapshot of ``.grad`` is kept;
+    ``out`` is a 2-element fp32 or fp64 tensor on grad's device. Nothing else is written.
+    """
+    g = _compute_views([grad])[0].reshape(-1)
+    gg = torch.dot(g, g)
+    if accumulated is None:
+        gt = torch.zeros_like(gg)
+    else:
+        gt = torch.dot(g, _compute_views([accumulated])[0].reshape(-1))
+    out.copy_(torch.stack([gg, gt]))

@@ -305,6 +305,72 @@ def test_accumulate_empty_list():
     assert norms.shape == (0,) and norms.dtype == torch.float32
 
 
+# ---- arrival_norms_: (|g|², g·t) of a gradient arriving at .grad, one read of each
+
+ARRIVAL_SHAPES = SMALL_SHAPES + [(3 * CHUNK + 5,), (300, 700)]
+
+
+@pytest.mark.parametrize("shape", ARRIVAL_SHAPES, ids=str)
+@pytest.mark.parametrize("cross", [True, False], ids=["cross", "first"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_arrival_norms(dtype, cross, shape):
+    g, t = rand([shape, shape], dtype)
+    g0, t0 = g.clone(), t.clone()
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.full((2,), float("nan"), dtype=out_dtype)
+    ref = torch.full((2,), float("nan"), dtype=out_dtype)
+    torch.ops.fastscale.arrival_norms_(out, g, t if cross else None)
+    reference.arrival_norms_(ref, g, t if cross else None)
+    # g·t has no scale of its own (it can be near 0): its rounding is relative to |g||t|.
+    scale = (g.double().square().sum() * t.double().square().sum()).sqrt().item()
+    torch.testing.assert_close(out[0], ref[0], **NORM_TOL[dtype])
+    torch.testing.assert_close(out[1], ref[1], rtol=0, atol=NORM_TOL[dtype]["rtol"] * scale + 1e-30)
+    if not cross:
+        assert out[1].item() == 0.0
+    assert torch.equal(g, g0) and torch.equal(t, t0), "the gradients are only read"
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided_slice", "contiguous"])
+def test_arrival_norms_layouts(layout):
+    make = layouts(torch.float32)
+    g, t = make[layout](), make["strided_slice"]()
+    out, ref = torch.zeros(2), torch.zeros(2)
+    torch.ops.fastscale.arrival_norms_(out, g, t)
+    reference.arrival_norms_(ref, g, t)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5 * g.norm().item() * t.norm().item())
+
+
+def test_arrival_norms_writes_a_row_of_a_larger_buffer():
+    buf = torch.randn(4, 2, dtype=torch.float64)
+    before = buf.clone()
+    g, t = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    torch.ops.fastscale.arrival_norms_(buf[2], g, t)
+    torch.testing.assert_close(buf[2], torch.stack([g.dot(g), g.dot(t)]))
+    assert torch.equal(buf[[0, 1, 3]], before[[0, 1, 3]])
+
+
+def test_arrival_norms_errors():
+    g = torch.randn(3)
+    cases = [
+        ((torch.zeros(3), g, None), r"out must be a contiguous dense tensor of 2 elements"),
+        ((torch.zeros(2, dtype=torch.float16), g, None), r"out has dtype Half; it must be float32 or float64"),
+        ((torch.zeros(2), g, torch.randn(3, dtype=torch.float64)), r"accumulated\[0\] has dtype Double but grad has Float"),
+        ((torch.zeros(2), g, torch.randn(4)), r"accumulated\[0\] has shape \[4\] but its counterpart has shape \[3\]"),
+        ((torch.zeros(2), torch.ones(3, dtype=torch.int32), None), r"grad\[0\] has dtype Int; supported are"),
+    ]
+    for args, message in cases:
+        out_before = args[0].clone()
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fastscale.arrival_norms_(*args)
+        assert torch.equal(args[0], out_before), "a failed call writes nothing"
+
+
+@pytest.mark.parametrize("cross", [True, False], ids=["cross", "first"])
+def test_opcheck_arrival_norms(cross):
+    g, t = rand([(70, 300), (70, 300)], torch.float32)
+    torch.library.opcheck(torch.ops.fastscale.arrival_norms_.default, (torch.zeros(2), g, t if cross else None))
+
+
 # ---- determinism: the reduction must not depend on the number of threads.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -320,7 +386,9 @@ def test_norms_independent_of_thread_count(dtype):
             p, b = clones(params), clones(bufs)
             n = torch.ops.fastscale.fused_sgd_(p, grads, b, **kw)
             a = torch.ops.fastscale.accumulate_grad_(clones(bufs), grads, first=False)
-            outs.append((n, a, p, b))
+            arrival = torch.zeros(2, dtype=torch.float64)
+            torch.ops.fastscale.arrival_norms_(arrival, grads[0], bufs[0])
+            outs.append((n, torch.cat([a.double(), arrival]), p, b))
     finally:
         torch.set_num_threads(old)
     for n, a, p, b in outs[1:]:

@@ -199,7 +199,7 @@ def test_mlp_on_sequences_uses_both_forms(monkeypatch):
     }
     for method in METHODS:
         forms.clear()
-        check(model, x, y, loss, "mean", method=method)
+        check(model, x, y, loss, "mean", method=method, fused_linear=False)  # fused: its own test
         assert forms == want[method], f"method={method!r}: forms taken {forms}"
         model.zero_grad()
 
@@ -222,14 +222,15 @@ def test_cnn1d(method, reduction, fused_conv):
     check(CNN1d(), x, y, ce, reduction, method=method, fused_conv=fused_conv)
 
 
+@pytest.mark.parametrize("fused_linear", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_transformer_block(method, reduction):
+def test_transformer_block(method, reduction, fused_linear):
     torch.manual_seed(4)
     ids, y = block_data()
     ids[0, :4] = 3  # repeated ids in one example
     ids[1, 2:5] = 0  # padding_idx rows get no gradient
-    check(Block(), ids, y, token_ce, reduction, method=method)
+    check(Block(), ids, y, token_ce, reduction, method=method, fused_linear=fused_linear)
 
 
 def test_token_mean_loss_is_mean_reduction():
@@ -265,8 +266,9 @@ def test_linear_reused_in_one_forward():
             return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
 
     for method in METHODS:
-        check(Twice(), torch.randn(5, 4, 8), torch.randn(5, 4, 3), lambda o, y: (o - y).square().sum((1, 2)),
-              "sum", method=method)
+        for fused_linear in (True, False):  # fused: both calls bring their per-example gradients
+            check(Twice(), torch.randn(5, 4, 8), torch.randn(5, 4, 3), lambda o, y: (o - y).square().sum((1, 2)),
+                  "sum", method=method, fused_linear=fused_linear)
 
 
 def test_state_resets_on_next_forward():
@@ -456,6 +458,124 @@ def test_fused_conv_under_torch_compile():
             torch.testing.assert_close(norms.squared_norms(), want, rtol=1e-5, atol=0)
             for p, q in zip(model.parameters(), eager.parameters(), strict=True):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- fused Linear
+
+
+def seq_mlp():
+    return nn.Sequential(nn.Linear(6, 40), nn.GELU(), nn.Linear(40, 40), nn.GELU(), nn.Linear(40, 3))
+
+
+def seq_data(t=5):
+    return torch.randn(4, t, 2, 6), torch.randn(4, t, 2, 3)
+
+
+def seq_loss(out, y):
+    return (out - y).square().sum((1, 2, 3))
+
+
+def linear_grad_fns(model):
+    """Per Linear call: which backward it runs."""
+    calls = []
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda mod, args, out: calls.append(type(out.grad_fn).__name__))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_linear_gradients_equal_plain_backward(method, dtype):
+    # The fused backward returns the sum of the per-example weight gradients as the weight
+    # gradient: equal to autograd's without hooks. Which calls fuse: all with "materialize",
+    # none with "gram"; with "auto" those within the memory rule. At T = 2 tokens per example
+    # (x [4, 1, 2, 6]) 40->40 holds 1600 > 4 * 2 * 80 per example: not fused; the others are.
+    torch.manual_seed(18)
+    model = seq_mlp().to(dtype)
+    x, y = seq_data(t=1)
+    x, y = x.to(dtype), y.to(dtype)
+    want = plain_grads(copy.deepcopy(model), x, y, seq_loss)
+    calls = linear_grad_fns(model)
+    with PerExampleGradNorms(model, method=method) as norms:
+        got = plain_grads(model, x, y, seq_loss)
+        sq = norms.squared_norms()
+    fused = "_LinearWithExampleGradsBackward"
+    expect = {"materialize": [fused] * 3, "gram": ["ViewBackward0"] * 3,
+              "auto": [fused, "ViewBackward0", fused]}[method]
+    assert [n if n == fused else "ViewBackward0" for n in calls] == expect, calls
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+    want_sq = sum(reference(model, x, y, seq_loss).values())
+    assert_close(sq, want_sq, "total")
+
+
+def test_fused_linear_memory_rule():
+    from fastscale.per_example.linear import FUSE_MEMORY_FACTOR, _fuses
+    assert FUSE_MEMORY_FACTOR == 4
+    assert _fuses("auto", 64, 128, 1000)  # 128000 <= 4 * 64 * 1128
+    assert not _fuses("auto", 8, 1024, 1024)  # 1048576 > 4 * 8 * 2048
+    assert _fuses("materialize", 8, 1024, 1024) and not _fuses("gram", 64, 128, 1000)
+    assert not _fuses("materialize", 1, 128, 128)  # one token: the outer-product rule
+
+
+def test_fused_linear_double_backward():
+    torch.manual_seed(19)
+    model = seq_mlp().double()
+    x, y = seq_data()
+    x, y = x.double(), y.double()
+    want = plain_grads(copy.deepcopy(model), x, y, seq_loss, create_graph=True)
+    calls = linear_grad_fns(model)
+    with PerExampleGradNorms(model, method="materialize"):
+        got = plain_grads(model, x, y, seq_loss, create_graph=True)
+    assert calls and all(n == "_LinearWithExampleGradsBackward" for n in calls), calls
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_linear_under_autocast_and_bfloat16():
+    torch.manual_seed(20)
+    model = seq_mlp()
+    x, y = seq_data()
+    want_sq = sum(reference(model, x, y, seq_loss).values())
+
+    def grads(m, x, cast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            out = m(x)
+        loss = seq_loss(out.float(), y).mean()
+        return torch.autograd.grad(loss, list(m.parameters()))
+
+    for cast, m, xin in ((True, model, x), (False, copy.deepcopy(model).bfloat16(), x.bfloat16())):
+        want = grads(copy.deepcopy(m), xin, cast)
+        calls = linear_grad_fns(m)
+        with PerExampleGradNorms(m, method="materialize") as norms:
+            got = grads(m, xin, cast)
+            sq = norms.squared_norms()
+        assert calls and all(n == "_LinearWithExampleGradsBackward" for n in calls), calls
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype
+            # bf16 rounding of each example's gradient before the sum
+            assert (g.float() - w.float()).abs().max() <= 2e-2 * w.float().abs().max()
+        torch.testing.assert_close(sq.double(), want_sq, rtol=5e-2, atol=0)
+
+
+def test_fused_linear_under_torch_compile():
+    torch.manual_seed(21)
+    model = seq_mlp()
+    x, y = seq_data()
+    eager = copy.deepcopy(model)
+    with PerExampleGradNorms(eager, method="materialize") as norms:
+        seq_loss(eager(x), y).mean().backward()
+        want = norms.squared_norms()
+    with PerExampleGradNorms(model, method="materialize") as norms:
+        compiled = torch.compile(model)
+        for _ in range(2):
+            model.zero_grad()
+            seq_loss(compiled(x), y).mean().backward()
+            torch.testing.assert_close(norms.squared_norms(), want, rtol=1e-5, atol=0)
+            for p, q in zip(model.parameters(), eager.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_deep_copy_of_attached_model_computes_with_its_own_weights():

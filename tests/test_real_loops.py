@@ -319,7 +319,8 @@ def assert_same_figures(opt, ref, rtol):
 
 @pytest.mark.parametrize("clip", [1e-2, None], ids=["clipped", "unclipped"])
 @pytest.mark.parametrize("reset", ["opt", "model", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
 def test_hooked_norms_equal_the_snapshot_path(dtype, reset, clip, impl):
     """Three micro-batches, an expert whose gradient appears late (or not at all), with or
     without clipping before the step (|.grad|² from the hooks' cross terms either way), each
@@ -328,7 +329,9 @@ def test_hooked_norms_equal_the_snapshot_path(dtype, reset, clip, impl):
     patterns = [[True] * 3, [False, True, True], [True, False, True], [False, False, True], [False] * 3, [True] * 3]
     hooked = []
     # The snapshot kernels return squared norms rounded to fp32, the hooks in the gradient's dtype.
-    rtol = 1e-5 if dtype == torch.float64 else 2e-4
+    # In fp16/bf16 the snapshots see .grad = T + g rounded to the storage type, the hooks g
+    # itself: they differ by about a storage ulp (2e-3 measured passes, 5e-4 does not).
+    rtol = {torch.float64: 1e-5, torch.float32: 2e-4}.get(dtype, 1e-2)
     for step, experts in enumerate(patterns):
         batches = micro_batches(3, experts=experts, seed=step)
         hooked.append(loop_step(model, opt, batches, dtype, reset, clip=clip))

@@ -71,6 +71,23 @@ def test_accumulate_reference_takes_micro_batch_norms():
         assert all(torch.equal(s, g) for s, g in zip(snaps, grads))
 
 
+def test_arrival_reference_gives_the_micro_batch_norm_and_the_cross_term():
+    # |T + g|² = |T|² + 2 g·T + |g|²: what the hooks build |.grad|² from, micro-batch by micro-batch.
+    micro = [torch.randn(6, 4, dtype=torch.float64) for _ in range(3)]
+    total, big = None, 0.0
+    for g in micro:
+        out = torch.full((2,), float("nan"), dtype=torch.float64)
+        reference.arrival_norms_(out, g, total)
+        torch.testing.assert_close(out[0], g.square().sum())
+        big = out[0] if total is None else big + 2 * out[1] + out[0]
+        total = g.clone() if total is None else total + g
+        torch.testing.assert_close(big, total.square().sum())
+    half = torch.randn(9, dtype=torch.float16)  # low precision: computed in fp32
+    out = torch.zeros(2)
+    reference.arrival_norms_(out, half, half)
+    torch.testing.assert_close(out, half.float().square().sum().repeat(2))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(dtype):
     params = [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype)]

@@ -45,16 +45,26 @@ struct AccumulateChunk {
   int64_t numel;
 };
 
+struct ArrivalChunk {
+  const void* grad;
+  const void* accumulated;  // nullptr: no .grad yet, only |g|^2
+  int64_t numel;
+};
+
 // Process chunks[0, n); partial[i] <- sum of squares of chunk i's (unscaled) gradient.
 using SgdChunksFn = void (*)(c10::ScalarType, const SgdHyper&, const SgdChunk*, int64_t n,
                              double* partial);
 // partial[i] <- sum((g - s)^2) (or sum(g^2) when first); s <- g.
 using AccumulateChunksFn = void (*)(c10::ScalarType, bool first, const AccumulateChunk*,
                                     int64_t n, double* partial);
+// gg[i] <- sum(g^2) and gt[i] <- sum(g * t) of chunk i (gt 0 when accumulated is nullptr).
+using ArrivalChunksFn = void (*)(c10::ScalarType, const ArrivalChunk*, int64_t n, double* gg,
+                                 double* gt);
 
 struct Kernels {
   SgdChunksFn sgd;
   AccumulateChunksFn accumulate;
+  ArrivalChunksFn arrival;
   const char* isa;
 };
 

@@ -174,6 +174,40 @@ void accumulate_chunks_typed(bool first, const AccumulateChunk* chunks, int64_t 
   for (int64_t i = 0; i < n; ++i) partial[i] = accumulate_chunk<scalar_t>(first, chunks[i]);
 }
 
+// One read of g (and of t): |g|^2 and g.t in the compute type, as the reference's fp32 dots.
+template <typename scalar_t, bool kCross>
+void arrival_chunk(const ArrivalChunk& c, double* gg, double* gt) {
+  using L = Lanes<scalar_t>;
+  using V = typename L::V;
+  using op_t = typename L::op_t;
+  const auto* grad = static_cast<const scalar_t*>(c.grad);
+  const auto* acc = static_cast<const scalar_t*>(c.accumulated);
+  V sgg(op_t(0)), sgt(op_t(0));
+  for (int64_t i = 0; i < c.numel; i += L::kStep) {
+    const int64_t n = std::min<int64_t>(L::kStep, c.numel - i);
+    V g[L::kParts], t[L::kParts];
+    L::load(grad + i, n, g);
+    if (kCross) L::load(acc + i, n, t);
+    for (int k = 0; k < L::kParts; ++k) {
+      sgg = at::vec::fmadd(g[k], g[k], sgg);
+      if (kCross) sgt = at::vec::fmadd(g[k], t[k], sgt);
+    }
+  }
+  *gg = lane_sum(sgg);
+  *gt = kCross ? lane_sum(sgt) : 0.0;
+}
+
+template <typename scalar_t>
+void arrival_chunks_typed(const ArrivalChunk* chunks, int64_t n, double* gg, double* gt) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (chunks[i].accumulated != nullptr) {
+      arrival_chunk<scalar_t, true>(chunks[i], gg + i, gt + i);
+    } else {
+      arrival_chunk<scalar_t, false>(chunks[i], gg + i, gt + i);
+    }
+  }
+}
+
 void sgd_chunks(c10::ScalarType dtype, const SgdHyper& h, const SgdChunk* chunks, int64_t n,
                 double* partial) {
   switch (dtype) {
@@ -198,8 +232,21 @@ void accumulate_chunks(c10::ScalarType dtype, bool first, const AccumulateChunk*
   }
 }
 
+void arrival_chunks(c10::ScalarType dtype, const ArrivalChunk* chunks, int64_t n, double* gg,
+                    double* gt) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return arrival_chunks_typed<float>(chunks, n, gg, gt);
+    case c10::ScalarType::Double: return arrival_chunks_typed<double>(chunks, n, gg, gt);
+    case c10::ScalarType::Half: return arrival_chunks_typed<c10::Half>(chunks, n, gg, gt);
+    case c10::ScalarType::BFloat16: return arrival_chunks_typed<c10::BFloat16>(chunks, n, gg, gt);
+    default: unsupported_dtype(dtype);
+  }
+}
+
 }  // namespace
 
-Kernels make_kernels(const char* isa) { return Kernels{&sgd_chunks, &accumulate_chunks, isa}; }
+Kernels make_kernels(const char* isa) {
+  return Kernels{&sgd_chunks, &accumulate_chunks, &arrival_chunks, isa};
+}
 
 }  // namespace fastscale::cpu::FASTSCALE_ISA

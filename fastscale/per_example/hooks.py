@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 from .common import _direct_trainable
 from .conv import _ConvWithExampleGrads, _apply_under_autocast, _conv_call, _conv_prefers_gram
 from .functorch import _functorch_sq
+from .linear import _fuses as _linear_fuses, _LinearWithExampleGrads
 from .registry import RULES, kind as _kind
 
 __all__ = ["PerExampleGradNorms"]
@@ -92,6 +93,11 @@ class PerExampleGradNorms:
             computed twice (default ``True``; the layer's ``forward`` is replaced on the
             instance until :meth:`detach`). ``False``: every layer keeps its own forward and
             is only hooked; the per-example weight gradients are then an extra computation.
+        fused_linear: the same for ``nn.Linear`` calls on sequences ([B, T, d_in]) whose
+            per-example weight gradients are affordable to hold (B·d_in·d_out at most
+            ``per_example.linear.FUSE_MEMORY_FACTOR`` times the call's input and output
+            gradient; with ``method="auto"``): their sum becomes the weight gradient
+            (default ``True``). Calls on [B, d] keep the outer-product rule, which costs nothing.
         attach: register the hooks now (default); otherwise call :meth:`attach` or use ``with``.
 
     After ``backward``, :meth:`squared_norms` returns the [B] total and :meth:`per_layer` the
@@ -99,7 +105,7 @@ class PerExampleGradNorms:
     """
 
     def __init__(self, model: nn.Module, loss_reduction: str = "mean", *, fallback: str | None = "error",
-                 method: str = "auto", fused_conv: bool = True, attach: bool = True):
+                 method: str = "auto", fused_conv: bool = True, fused_linear: bool = True, attach: bool = True):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if fallback not in _FALLBACKS:
@@ -110,9 +116,10 @@ class PerExampleGradNorms:
         self.loss_reduction = loss_reduction
         self.fallback = fallback or "error"
         self.method = "materialize" if method == "materialise" else method
-        if not isinstance(fused_conv, bool):
-            raise TypeError(f"fused_conv must be a bool, got {type(fused_conv).__name__}")
-        self.fused_conv = fused_conv
+        for name, value in (("fused_conv", fused_conv), ("fused_linear", fused_linear)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        self.fused_conv, self.fused_linear = fused_conv, fused_linear
         self._layers = self._plan(model)
         self._handles: list = []
         self._suspended = False  # True while the functorch fallback re-runs a module
@@ -159,9 +166,10 @@ class PerExampleGradNorms:
             return self
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
         for layer in self._layers:
-            if self.fused_conv and layer.kind in _FUSED_CONV:
+            fused = self._fused_call(layer)
+            if fused is not None:
                 # Bound, so that a deep copy of the model (an EMA copy) binds to the copy.
-                forward = types.MethodType(self._fused_conv_forward(layer), layer.module)
+                forward = types.MethodType(self._fused_forward(layer, fused), layer.module)
                 layer.module.forward = forward
                 self._handles.append(_RestoreForward(layer.module, forward))
             else:
@@ -249,30 +257,53 @@ class PerExampleGradNorms:
 
         return hook
 
-    def _fused_conv_forward(self, layer: _Layer):
-        """The conv layer's forward while attached (it replaces the forward hook): calls
-        whose weight gradient is best materialised run through _ConvWithExampleGrads, the
-        rest run the module's own forward and are watched like any other layer."""
-        own_forward = type(layer.module).forward
-
-        def forward(mod, input):
-            if mod is not layer.module:  # a deep copy of the attached model: not hooked
-                return own_forward(mod, input)
-            if (isinstance(input, Tensor) and input.dim() == mod.weight.dim() and mod.weight.requires_grad
-                    and torch.is_grad_enabled() and not self._suspended):
+    def _fused_call(self, layer: _Layer):
+        """For a layer whose weight gradient can be fused with its per-example gradients:
+        ``call(mod, input) -> (function, args) | None`` (None: this call is not fused)."""
+        if self.fused_conv and layer.kind in _FUSED_CONV:
+            def conv(mod, input):
+                if input.dim() != mod.weight.dim():
+                    return None
                 x, geometry = _conv_call(mod, input)
                 stride, padding, dilation, _ = geometry
                 positions = math.prod(
                     (size + 2 * pad - dil * (k - 1) - 1) // st + 1
                     for size, k, st, pad, dil in zip(x.shape[2:], mod.kernel_size, stride, padding, dilation))
-                if not _conv_prefers_gram(mod, self.method, positions):
+                if _conv_prefers_gram(mod, self.method, positions):
+                    return None
+                return _ConvWithExampleGrads, (x, mod.weight, mod.bias, geometry)
+            return conv
+        if self.fused_linear and layer.kind is nn.Linear:
+            def linear(mod, input):
+                if input.dim() < 3 or not _linear_fuses(self.method, math.prod(input.shape[1:-1]),
+                                                        mod.in_features, mod.out_features):
+                    return None
+                return _LinearWithExampleGrads, (input, mod.weight, mod.bias)
+            return linear
+        return None
+
+    def _fused_forward(self, layer: _Layer, fused_call):
+        """The layer's forward while attached (it replaces the forward hook): calls that
+        ``fused_call`` fuses run through its autograd function, which hands every example's
+        weight gradient to the sink; the rest run the module's own forward and are watched
+        like any other layer."""
+        own_forward = type(layer.module).forward
+
+        def forward(mod, input):
+            if mod is not layer.module:  # a deep copy of the attached model: not hooked
+                return own_forward(mod, input)
+            if (isinstance(input, Tensor) and mod.weight.requires_grad and torch.is_grad_enabled()
+                    and not self._suspended):
+                plan = fused_call(mod, input)
+                if plan is not None:
+                    function, args = plan
                     use = _Use((input,), {})
 
                     def sink(grad_out, example_grads):
                         use.grad, use.example_grads = grad_out, example_grads
                         self._arrived(layer)
 
-                    output = _apply_under_autocast(_ConvWithExampleGrads, x, mod.weight, mod.bias, geometry, sink)
+                    output = _apply_under_autocast(function, *args, sink)
                     self._admit(layer, mod, (input,), output)  # always admitted: the weight requires grad
                     layer.uses.append(use)
                     return output
