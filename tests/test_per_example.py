@@ -384,18 +384,6 @@ def test_conv_edges_norms():
             check(ConvEdges(), x, y, ce, "mean", method=method, fused_conv=fused_conv)
 
 
-def test_fused_conv_double_backward():
-    torch.manual_seed(13)
-    model = CNN2d().double()
-    x, y = cnn2d_data()
-    x = x.double()
-    want = plain_grads(copy.deepcopy(model), x, y, ce, create_graph=True)
-    with PerExampleGradNorms(model, method="materialize"):
-        got = plain_grads(model, x, y, ce, create_graph=True)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
-
-
 def test_fused_conv_bfloat16():
     torch.manual_seed(14)
     model = CNN2d()
@@ -437,27 +425,6 @@ def test_fused_conv_under_autocast():
         # the casts (fp32 saved inputs, bf16 output gradient) up to 5e-2
         assert (g - w).abs().max() <= 1.5e-2 * w.abs().max()
     assert torch.isfinite(sq).all() and (sq > 0).all()
-
-
-def test_fused_conv_under_torch_compile():
-    # The instance-level forward (an autograd.Function with a Python sink) traced by dynamo
-    # and compiled by inductor: same norms and gradients as eager.
-    torch.manual_seed(17)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
-                          nn.Flatten(), nn.Linear(8 * 3 * 3, 5))
-    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
-    eager = copy.deepcopy(model)
-    with PerExampleGradNorms(eager, method="materialize") as norms:
-        ce(eager(x), y).mean().backward()
-        want = norms.squared_norms()
-    with PerExampleGradNorms(model, method="materialize") as norms:
-        compiled = torch.compile(model)
-        for _ in range(2):  # the second call runs the cached graph
-            model.zero_grad()
-            ce(compiled(x), y).mean().backward()
-            torch.testing.assert_close(norms.squared_norms(), want, rtol=1e-5, atol=0)
-            for p, q in zip(model.parameters(), eager.parameters(), strict=True):
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------- fused Linear
@@ -520,16 +487,22 @@ def test_fused_linear_memory_rule():
     assert not _fuses("materialize", 1, 128, 128)  # one token: the outer-product rule
 
 
-def test_fused_linear_double_backward():
-    torch.manual_seed(19)
-    model = seq_mlp().double()
-    x, y = seq_data()
-    x, y = x.double(), y.double()
-    want = plain_grads(copy.deepcopy(model), x, y, seq_loss, create_graph=True)
-    calls = linear_grad_fns(model)
+@pytest.mark.parametrize("case", ["conv", "linear"])
+def test_fused_double_backward(case):
+    # A gradient penalty through the fused backward (written in differentiable ops).
+    torch.manual_seed(13)
+    make, data, loss, fused = {
+        "conv": (CNN2d, cnn2d_data, ce, "_ConvWithExampleGradsBackward"),
+        "linear": (seq_mlp, seq_data, seq_loss, "_LinearWithExampleGradsBackward"),
+    }[case]
+    model = make().double()
+    x, y = data()
+    x, y = x.double(), (y.double() if y.is_floating_point() else y)
+    want = plain_grads(copy.deepcopy(model), x, y, loss, create_graph=True)
+    calls = conv_grad_fns(model) if case == "conv" else linear_grad_fns(model)
     with PerExampleGradNorms(model, method="materialize"):
-        got = plain_grads(model, x, y, seq_loss, create_graph=True)
-    assert calls and all(n == "_LinearWithExampleGradsBackward" for n in calls), calls
+        got = plain_grads(model, x, y, loss, create_graph=True)
+    assert calls and all((c[1] if case == "conv" else c) == fused for c in calls), calls
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
@@ -560,19 +533,26 @@ def test_fused_linear_under_autocast_and_bfloat16():
         torch.testing.assert_close(sq.double(), want_sq, rtol=5e-2, atol=0)
 
 
-def test_fused_linear_under_torch_compile():
-    torch.manual_seed(21)
-    model = seq_mlp()
-    x, y = seq_data()
+@pytest.mark.parametrize("case", ["conv", "linear"])
+def test_fused_under_torch_compile(case):
+    # The instance-level forward (an autograd.Function with a Python sink) traced by dynamo
+    # and compiled by inductor: same norms and gradients as eager.
+    torch.manual_seed(17)
+    if case == "conv":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                              nn.Flatten(), nn.Linear(8 * 3 * 3, 5))
+        x, y, loss = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)), ce
+    else:
+        (x, y), model, loss = seq_data(), seq_mlp(), seq_loss
     eager = copy.deepcopy(model)
     with PerExampleGradNorms(eager, method="materialize") as norms:
-        seq_loss(eager(x), y).mean().backward()
+        loss(eager(x), y).mean().backward()
         want = norms.squared_norms()
     with PerExampleGradNorms(model, method="materialize") as norms:
         compiled = torch.compile(model)
-        for _ in range(2):
+        for _ in range(2):  # the second call runs the cached graph
             model.zero_grad()
-            seq_loss(compiled(x), y).mean().backward()
+            loss(compiled(x), y).mean().backward()
             torch.testing.assert_close(norms.squared_norms(), want, rtol=1e-5, atol=0)
             for p, q in zip(model.parameters(), eager.parameters(), strict=True):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
