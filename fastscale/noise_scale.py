@@ -573,11 +573,11 @@ class StatisticsTracker:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
         self._pending = m
 
-    def accumulate(self, params_by_bucket, accumulate_op, *, batch_size, loss_scale, grad_scaler, default_total):
+    def accumulate(self, params_by_bucket, impl, *, batch_size, loss_scale, grad_scaler, default_total):
         """Record the micro-batch gradient the last backward added into ``.grad``.
 
-        ``params_by_bucket``: lists of same-device, same-dtype parameters; ``accumulate_op``:
-        the op (dispatched or pure torch). ``default_total``: the batch size the micro-batches
+        ``params_by_bucket``: lists of same-device, same-dtype parameters; ``impl``: the ops
+        (``ops.dispatched`` or ``ops.pure_torch``), for the snapshots and the hooks alike. ``default_total``: the batch size the micro-batches
         share when their sizes are not given. Validates everything, then writes.
         """
         if self._pending is not None:
@@ -616,9 +616,11 @@ class StatisticsTracker:
         if acc.hooks:
             sq_pt = self._from_hooks(acc, params, kept)
         else:
-            sq_pt = self._from_snapshots(params_by_bucket, accumulate_op, kept)
+            sq_pt = self._from_snapshots(params_by_bucket, impl.accumulate_grad_, kept)
             if self._hookable and not self._hooks_failed:
                 self._watch_hooks(acc, params, kept)
+        if self._capture is not None:
+            self._capture.arrival = impl.arrival_norms_  # for the next micro-batch's gradients
         if sq_pt is None:
             sq_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
         sq_pt = sq_pt.double()
@@ -810,6 +812,7 @@ class _MicroBatchCapture:
     def __init__(self, params: list[Tensor], compute: bool = False):
         self.params = list(params)
         self.compute = compute  # take the norms (once the hooks are trusted)
+        self.arrival = ops.arrival_norms_  # or its twin (fused=False): set by each accumulate()
         self.handles = []
         # The hooks write (|g|², g·T) straight into one (n, 2) buffer per (device, compute dtype),
         # a 2-element row per parameter, so a call reads them with a few ops whatever the count.
@@ -904,9 +907,6 @@ def _outside_dynamo(fn):
     return fn
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # arrival_norms_'s
-
-
 @_outside_dynamo
 def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
     cap = capture_ref()
@@ -928,22 +928,18 @@ def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
             t = old.detach()
             t = torch.view_as_real(t) if t.is_complex() else t
         slot = cap.slots[i]
-        if slot.device != g.device or g.dtype not in _KERNEL_DTYPES or t is not None and (
-                t.dtype != g.dtype or t.shape != g.shape or t.device != g.device):
-            # Cast or moved since the hooks were made: the twin, which casts (a hook must never
-            # raise: the op's input checks would break the user's backward).
-            slot.copy_(_arrival_norms_anywhere(g, t))
-        else:
-            ops.arrival_norms_(slot, g, t)
+        try:
+            if slot.device == g.device:
+                cap.arrival(slot, g, t)
+            else:  # the model moved since the hooks were made
+                here = torch.empty(2, dtype=slot.dtype, device=g.device)
+                cap.arrival(here, g, t)
+                slot.copy_(here)
+        except RuntimeError:
+            # A hook must not break the user's backward (a gradient the op refuses): this
+            # parameter stays unmeasured, which the call then handles as an edited gradient.
+            return
         cap.norms[i] = old is not None
-
-
-def _arrival_norms_anywhere(g: Tensor, t: Tensor | None) -> Tensor:
-    """(|g|², g·t) in fp64 for any dtypes and devices, t brought to g's."""
-    out = torch.empty(2, dtype=torch.float64, device=g.device)
-    g = g.double() if g.dtype not in (torch.float32, torch.float64) else g
-    reference.arrival_norms_(out, g, None if t is None else t.to(g.device, g.dtype))
-    return out
 
 
 @_outside_dynamo

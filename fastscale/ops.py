@@ -84,8 +84,11 @@ def _twin(fn):
     return lambda *args, **kwargs: sharded.on_local_shards(fn, args, kwargs)
 
 
-# The pure-torch twins called directly, bypassing the dispatcher: fused=False / foreach=.
-pure_torch = SimpleNamespace(fused_sgd_=_twin(reference.fused_sgd_), accumulate_grad_=_twin(reference.accumulate_grad_))
+# The ops through the dispatcher (the compiled kernel where one is built), and the pure-torch
+# twins called directly, bypassing it: fused=False / foreach=.
+dispatched = SimpleNamespace(fused_sgd_=fused_sgd_, accumulate_grad_=accumulate_grad_, arrival_norms_=arrival_norms_)
+pure_torch = SimpleNamespace(fused_sgd_=_twin(reference.fused_sgd_), accumulate_grad_=_twin(reference.accumulate_grad_),
+                             arrival_norms_=reference.arrival_norms_)  # plain tensors only: no shard rule
 _warned: set[str] = set()
 
 

@@ -429,9 +429,10 @@ class FusedScaledSGD(Optimizer):
             buckets.setdefault(key, []).append(p)
         return list(buckets.values())
 
-    def _accumulate_op(self):
+    def _accumulate_ops(self):
+        """The micro-batch ops (snapshots, hooks): dispatched, or the twins as fused=False asks."""
         d = self.defaults
-        return ops.accumulate_grad_ if d["fused"] is not False and d["foreach"] is None else ops.pure_torch.accumulate_grad_
+        return ops.dispatched if d["fused"] is not False and d["foreach"] is None else ops.pure_torch
 
     @torch.no_grad()
     def accumulate_grad(self, batch_size: int | None = None, loss_scale: float = 1.0, grad_scaler=None) -> None:
@@ -472,7 +473,7 @@ class FusedScaledSGD(Optimizer):
         if self.statistics.estimator is None:
             return  # nothing would use the measurement: no pass, no snapshots
         self.statistics.accumulate(
-            buckets, self._accumulate_op(), batch_size=batch_size, loss_scale=loss_scale,
+            buckets, self._accumulate_ops(), batch_size=batch_size, loss_scale=loss_scale,
             grad_scaler=grad_scaler, default_total=self.param_groups[0]["batch_size"],
         )
 

@@ -383,6 +383,38 @@ def test_a_gradient_the_hooks_cannot_account_for(edit, monkeypatch, impl):
         assert_same_figures(opt, ref, 1e-5)
 
 
+def test_a_gradient_the_op_refuses_costs_a_measurement_not_the_backward(monkeypatch, impl):
+    """The hooks' op raising inside autograd (a gradient it cannot take) must not break the
+    backward: that step gives no measurement (with the warning), .grad accumulates as usual,
+    and the snapshots measure from the next step on."""
+    monkeypatch.setattr(noise_scale, "_hooks_warned", False)
+    model, opt, twin, ref = hooked_and_snapshot(8, torch.float64, 12, impl)
+    for step in range(2):
+        batches = micro_batches(2, seed=step)
+        loop_step(model, opt, batches, torch.float64)
+        loop_step(twin, ref, batches, torch.float64)
+    updates = opt.statistics.estimator.updates.clone()
+
+    def refuse(out, grad, accumulated):
+        raise RuntimeError("fastscale: refused")
+
+    batches = micro_batches(2, seed=2)
+    monkeypatch.setattr(noise_scale.ops.dispatched, "arrival_norms_", refuse)
+    monkeypatch.setattr(noise_scale.ops.pure_torch, "arrival_norms_", refuse)
+    opt.statistics._capture.arrival = refuse  # already chosen for the first micro-batch's hooks
+    with pytest.warns(UserWarning, match="did not arrive through autograd"):
+        assert loop_step(model, opt, batches, torch.float64)
+    loop_step(twin, ref, batches, torch.float64)
+    assert torch.equal(opt.statistics.estimator.updates, updates)  # no measurement this step
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)  # the same update: .grad was right
+    for step in range(3, 5):
+        batches = micro_batches(2, seed=step)
+        assert not loop_step(model, opt, batches, torch.float64)
+        loop_step(twin, ref, batches, torch.float64)
+        assert_same_figures(opt, ref, 1e-5)
+
+
 def _shrink_through_data(model):
     for p in model.parameters():
         p.grad.data.mul_(1e-3)  # an old-style edit: .grad's version counter does not move
