@@ -62,9 +62,11 @@ def test_tracks_a_moving_target_without_lag():
     """SGD from far away: the true B_simple grows 8× over 1500 steps. With per-example norms
     (B_small = 1, B_big = 256), after a warm-up of 100 steps: the median of |ln(estimate/truth)|
     over steps and 8 runs is <= 0.05, its 90th percentile <= 0.15, and no estimate is <= 0.
-    The 90% interval covers the moving truth at least 80% of the time (0.83 here; the issue's
-    goal is 85-95%, met at a fixed parameter only, see docs/estimator.md: an interval from the
-    noise alone, or from the disagreement beyond the summed noise, covered 0.71)."""
+    The 90% interval covers the moving truth 85-95% of the time (0.898 here). The 1120 checks
+    (140 steps × 8 runs) would give a binomial s.e. of 0.9% if independent; checks of one run
+    a few steps apart are not, and over seeds 0-9 this figure has mean 0.910 and s.d. 0.020, so
+    the bounds sit 2.4 and 2.6 of those s.d. from seed 0's figure. With the window chosen on
+    B_simple alone (not also on |G|² and tr(Σ)) it was 0.83, see docs/estimator.md."""
     runs, steps, warm = 8, 1500, 100
     problems = Problems(runs, seed=0)
     est = NoiseScaleEstimator(NoiseScaleConfig(), runs, torch.device("cpu"))
@@ -86,7 +88,8 @@ def test_tracks_a_moving_target_without_lag():
     errors = torch.cat(errors)
     assert errors.median().item() <= 0.05
     assert errors.quantile(0.9).item() <= 0.15
-    assert torch.cat(hits).mean().item() >= 0.80
+    coverage = torch.cat(hits).mean().item()
+    assert 0.85 <= coverage <= 0.95, coverage
 
 
 @pytest.mark.parametrize("source,parts", [("per-example", 32), ("micro-batches", 4)])
