@@ -174,27 +174,48 @@ void accumulate_chunks_typed(bool first, const AccumulateChunk* chunks, int64_t 
   for (int64_t i = 0; i < n; ++i) partial[i] = accumulate_chunk<scalar_t>(first, chunks[i]);
 }
 
+// |g|^2 and g.t of one step of a chunk into the accumulators (n < kStep: a tail).
+template <typename scalar_t, bool kCross>
+inline void arrival_step(const scalar_t* grad, const scalar_t* acc, int64_t n,
+                         typename Lanes<scalar_t>::V& sgg, typename Lanes<scalar_t>::V& sgt) {
+  using L = Lanes<scalar_t>;
+  typename L::V g[L::kParts], t[L::kParts];
+  L::load(grad, n, g);
+  if (kCross) L::load(acc, n, t);
+  for (int k = 0; k < L::kParts; ++k) {
+    sgg = at::vec::fmadd(g[k], g[k], sgg);
+    if (kCross) sgt = at::vec::fmadd(g[k], t[k], sgt);
+  }
+}
+
 // One read of g (and of t): |g|^2 and g.t in the compute type, as the reference's fp32 dots.
+// Four accumulators per sum, each its own variable: one chains every fmadd on the previous
+// one's latency, and an array of them is kept on the stack (measured: half the speed of
+// torch.dot on one core either way).
 template <typename scalar_t, bool kCross>
 void arrival_chunk(const ArrivalChunk& c, double* gg, double* gt) {
   using L = Lanes<scalar_t>;
   using V = typename L::V;
   using op_t = typename L::op_t;
-  const auto* grad = static_cast<const scalar_t*>(c.grad);
-  const auto* acc = static_cast<const scalar_t*>(c.accumulated);
-  V sgg(op_t(0)), sgt(op_t(0));
-  for (int64_t i = 0; i < c.numel; i += L::kStep) {
-    const int64_t n = std::min<int64_t>(L::kStep, c.numel - i);
-    V g[L::kParts], t[L::kParts];
-    L::load(grad + i, n, g);
-    if (kCross) L::load(acc + i, n, t);
-    for (int k = 0; k < L::kParts; ++k) {
-      sgg = at::vec::fmadd(g[k], g[k], sgg);
-      if (kCross) sgt = at::vec::fmadd(g[k], t[k], sgt);
-    }
+  constexpr int64_t kStep = L::kStep;
+  const auto* g = static_cast<const scalar_t*>(c.grad);
+  const auto* t = static_cast<const scalar_t*>(c.accumulated);
+  V gg0(op_t(0)), gg1(op_t(0)), gg2(op_t(0)), gg3(op_t(0));
+  V gt0(op_t(0)), gt1(op_t(0)), gt2(op_t(0)), gt3(op_t(0));
+  int64_t i = 0;
+  auto at = [t](int64_t i) { return kCross ? t + i : nullptr; };  // t is null unless kCross
+  for (; i + 4 * kStep <= c.numel; i += 4 * kStep) {
+    arrival_step<scalar_t, kCross>(g + i, at(i), kStep, gg0, gt0);
+    arrival_step<scalar_t, kCross>(g + i + kStep, at(i + kStep), kStep, gg1, gt1);
+    arrival_step<scalar_t, kCross>(g + i + 2 * kStep, at(i + 2 * kStep), kStep, gg2, gt2);
+    arrival_step<scalar_t, kCross>(g + i + 3 * kStep, at(i + 3 * kStep), kStep, gg3, gt3);
   }
-  *gg = lane_sum(sgg);
-  *gt = kCross ? lane_sum(sgt) : 0.0;
+  for (; i < c.numel; i += kStep) {
+    arrival_step<scalar_t, kCross>(g + i, at(i), std::min<int64_t>(kStep, c.numel - i), gg0, gt0);
+  }
+  // in a fixed order: the same result for any thread count
+  *gg = lane_sum(gg0) + lane_sum(gg1) + lane_sum(gg2) + lane_sum(gg3);
+  *gt = kCross ? lane_sum(gt0) + lane_sum(gt1) + lane_sum(gt2) + lane_sum(gt3) : 0.0;
 }
 
 template <typename scalar_t>
