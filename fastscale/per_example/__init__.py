@@ -13,10 +13,9 @@ without materialising per-example gradients where an identity is cheaper
 * ``nn.Linear`` on [B, T, d] (extra dims flattened into T): g_i = sum_t delta_t a_t^T and
   |g_i|^2 = sum_{t,s} (a_t.a_s)(delta_t.delta_s). The Gram form costs ~B T^2 (d_in + d_out),
   materialising g_i (one bmm) ~B T d_in d_out; each layer takes the cheaper one. While
-  attached, a call whose B d_in d_out per-example gradients fit the memory rule
-  (``linear.FUSE_MEMORY_FACTOR``) materialises them inside the layer's own backward and
-  returns their sum as the weight gradient, which costs one memory pass over them instead of
-  an extra product (``fused_linear=True``, the default).
+  attached, a call that materialises (within ``linear.FUSE_MEMORY_FACTOR``: where the
+  unfused rule would) does so inside the layer's own backward and returns their sum as the
+  weight gradient, which saves the extra product (``fused_linear=True``, the default).
 * ``nn.Conv1d``/``nn.Conv2d``: the same two forms, one "token" per output position, per
   group: the Gram form on im2col patches; the materialised form as one weight-gradient
   convolution with the batch folded into the groups. While attached, a conv call that

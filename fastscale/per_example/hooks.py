@@ -95,9 +95,10 @@ class PerExampleGradNorms:
             is only hooked; the per-example weight gradients are then an extra computation.
         fused_linear: the same for ``nn.Linear`` calls on sequences ([B, T, d_in]) whose
             per-example weight gradients are affordable to hold (B·d_in·d_out at most
-            ``per_example.linear.FUSE_MEMORY_FACTOR`` times the call's input and output
-            gradient; with ``method="auto"``): their sum becomes the weight gradient
-            (default ``True``). Calls on [B, d] keep the outer-product rule, which costs nothing.
+            ``per_example.linear.FUSE_MEMORY_FACTOR`` = 1 times the call's input and output
+            gradient with ``method="auto"``: where the unfused rule materialises them anyway):
+            their sum becomes the weight gradient (default ``True``). Calls on [B, d] keep the
+            outer-product rule, which costs nothing.
         attach: register the hooks now (default); otherwise call :meth:`attach` or use ``with``.
 
     After ``backward``, :meth:`squared_norms` returns the [B] total and :meth:`per_layer` the
