@@ -359,23 +359,26 @@ def clip_after_backward(model, i, x, y, expert):
     return False
 
 
-@pytest.mark.parametrize("edit", [two_backwards, clip_after_backward], ids=["two-backwards", "clip-after-backward"])
-def test_a_gradient_the_hooks_cannot_account_for(edit, monkeypatch, impl):
-    """Two backwards in one micro-batch, or .grad edited after a backward: the hooked step
-    cannot be measured exactly, so it gives no measurement (and warns); from the next step on
-    the snapshot path measures, exactly as a loop that never trusted the hooks."""
+def unmeasured_step_then_snapshots(monkeypatch, impl, seed, edit=None, before=None):
+    """Two hooked steps, then one the hooks cannot measure (``edit`` in the loop, or ``before``
+    called with the optimizer first): it gives no measurement and warns, and from the next
+    step on the snapshot path measures, exactly as a loop that never trusted the hooks."""
     monkeypatch.setattr(noise_scale, "_hooks_warned", False)
-    model, opt, twin, ref = hooked_and_snapshot(6, torch.float64, 12, impl)
+    model, opt, twin, ref = hooked_and_snapshot(seed, torch.float64, 12, impl)
     for step in range(2):
         batches = micro_batches(2, seed=step)
         loop_step(model, opt, batches, torch.float64)
         loop_step(twin, ref, batches, torch.float64)
     updates = opt.statistics.estimator.updates.clone()
     batches = micro_batches(2, seed=2)
+    if before is not None:
+        before(opt)
     with pytest.warns(UserWarning, match="did not arrive through autograd"):
         assert loop_step(model, opt, batches, torch.float64, edit=edit)
     loop_step(twin, ref, batches, torch.float64, edit=edit)
     assert torch.equal(opt.statistics.estimator.updates, updates)  # no measurement this step
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)  # the same update: .grad was right
     for step in range(3, 5):
         batches = micro_batches(2, seed=step)
         assert not loop_step(model, opt, batches, torch.float64, edit=edit)
@@ -383,36 +386,24 @@ def test_a_gradient_the_hooks_cannot_account_for(edit, monkeypatch, impl):
         assert_same_figures(opt, ref, 1e-5)
 
 
+@pytest.mark.parametrize("edit", [two_backwards, clip_after_backward], ids=["two-backwards", "clip-after-backward"])
+def test_a_gradient_the_hooks_cannot_account_for(edit, monkeypatch, impl):
+    """Two backwards in one micro-batch, or .grad edited after a backward."""
+    unmeasured_step_then_snapshots(monkeypatch, impl, 6, edit=edit)
+
+
 def test_a_gradient_the_op_refuses_costs_a_measurement_not_the_backward(monkeypatch, impl):
     """The hooks' op raising inside autograd (a gradient it cannot take) must not break the
-    backward: that step gives no measurement (with the warning), .grad accumulates as usual,
-    and the snapshots measure from the next step on."""
-    monkeypatch.setattr(noise_scale, "_hooks_warned", False)
-    model, opt, twin, ref = hooked_and_snapshot(8, torch.float64, 12, impl)
-    for step in range(2):
-        batches = micro_batches(2, seed=step)
-        loop_step(model, opt, batches, torch.float64)
-        loop_step(twin, ref, batches, torch.float64)
-    updates = opt.statistics.estimator.updates.clone()
-
+    backward: that parameter is left unmeasured, which the call handles as above."""
     def refuse(out, grad, accumulated):
         raise RuntimeError("fastscale: refused")
 
-    batches = micro_batches(2, seed=2)
-    monkeypatch.setattr(noise_scale.ops.dispatched, "arrival_norms_", refuse)
-    monkeypatch.setattr(noise_scale.ops.pure_torch, "arrival_norms_", refuse)
-    opt.statistics._capture.arrival = refuse  # already chosen for the first micro-batch's hooks
-    with pytest.warns(UserWarning, match="did not arrive through autograd"):
-        assert loop_step(model, opt, batches, torch.float64)
-    loop_step(twin, ref, batches, torch.float64)
-    assert torch.equal(opt.statistics.estimator.updates, updates)  # no measurement this step
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)  # the same update: .grad was right
-    for step in range(3, 5):
-        batches = micro_batches(2, seed=step)
-        assert not loop_step(model, opt, batches, torch.float64)
-        loop_step(twin, ref, batches, torch.float64)
-        assert_same_figures(opt, ref, 1e-5)
+    def refusing(opt):
+        monkeypatch.setattr(noise_scale.ops.dispatched, "arrival_norms_", refuse)
+        monkeypatch.setattr(noise_scale.ops.pure_torch, "arrival_norms_", refuse)
+        opt.statistics._capture.arrival = refuse  # already chosen for the first micro-batch's hooks
+
+    unmeasured_step_then_snapshots(monkeypatch, impl, 8, before=refusing)
 
 
 def _shrink_through_data(model):
