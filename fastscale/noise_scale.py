@@ -820,10 +820,11 @@ class _MicroBatchCapture:
     anything else is "unknown" and measured otherwise.
     """
 
-    def __init__(self, params: list[Tensor], compute: bool = False):
+    def __init__(self, params: list[Tensor], compute: bool = False, arrival=None):
         self.params = list(params)
         self.compute = compute  # take the norms (once the hooks are trusted)
-        self.arrival = ops.arrival_norms_  # or its twin (fused=False): set by each accumulate()
+        # The op or its twin (fused=False), as the optimizer asks: set by each accumulate().
+        self.arrival = ops.arrival_norms_ if arrival is None else arrival
         self.handles = []
         # The hooks write (|g|², g·T) straight into one (n, 2) buffer per (device, compute dtype),
         # a 2-element row per parameter, so a call reads them with a few ops whatever the count.
@@ -864,10 +865,10 @@ class _MicroBatchCapture:
 
     def __deepcopy__(self, memo):
         # The copy hooks the copied parameters (those of a deep-copied model and optimizer).
-        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute)
+        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute, self.arrival)
 
     def __reduce__(self):
-        return _MicroBatchCapture, (self.params, self.compute)
+        return _MicroBatchCapture, (self.params, self.compute, self.arrival)
 
     def verdict(self, i: int, grad: Tensor, seen: tuple | None) -> str:
         """How ``.grad`` (``grad``) of position i got where it is since the last call, whose
