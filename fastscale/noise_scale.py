@@ -588,8 +588,9 @@ class StatisticsTracker:
         """Record the micro-batch gradient the last backward added into ``.grad``.
 
         ``params_by_bucket``: lists of same-device, same-dtype parameters; ``impl``: the ops
-        (``ops.dispatched`` or ``ops.pure_torch``), for the snapshots and the hooks alike. ``default_total``: the batch size the micro-batches
-        share when their sizes are not given. Validates everything, then writes.
+        (``ops.dispatched`` or ``ops.pure_torch``), for the snapshots and the hooks alike.
+        ``default_total``: the batch size the micro-batches share when their sizes are not
+        given. Validates everything, then writes.
         """
         if self._pending is not None:
             raise RuntimeError("this step already has small-batch norms from another source; use one per step")
