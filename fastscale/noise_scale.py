@@ -551,10 +551,7 @@ class StatisticsTracker:
         vec = torch.zeros(n, dtype=torch.float32, device=self.device)
         present = torch.zeros(n, dtype=torch.bool, device=self.device)
         if positions:
-            key = tuple(positions)
-            idx = self._indices.get(key)
-            if idx is None:  # a host-to-device copy: once per set of positions, not every step
-                idx = self._indices[key] = torch.tensor(positions, dtype=torch.long, device=self.device)
+            idx = self._index_of(positions)
             vec.index_copy_(0, idx, torch.cat([t.to(self.device, torch.float32) for t in norms]))
             present.index_fill_(0, idx, True)
         return vec, present
@@ -741,7 +738,7 @@ class StatisticsTracker:
         counter sees) must not reach the statistics."""
         if acc.broken or self._capture is None:
             return None, None
-        present = self.per_tensor([torch.ones(len(seen), device=self.device)], seen)[1]
+        present = self._mask_of(seen)
         return torch.where(present, acc.big_pt, 0.0), present
 
     def _mask_of(self, positions: list[int]) -> Tensor:

@@ -229,39 +229,38 @@ void arrival_chunks_typed(const ArrivalChunk* chunks, int64_t n, double* gg, dou
   }
 }
 
-void sgd_chunks(c10::ScalarType dtype, const SgdHyper& h, const SgdChunk* chunks, int64_t n,
-                double* partial) {
+// Calls f(scalar_t{}) for the storage type of `dtype`: the one switch over the dtypes the
+// loops are compiled for, shared by every op.
+template <typename F>
+void for_dtype(c10::ScalarType dtype, const F& f) {
   switch (dtype) {
-    case c10::ScalarType::Float: return sgd_chunks_typed<float>(h, chunks, n, partial);
-    case c10::ScalarType::Double: return sgd_chunks_typed<double>(h, chunks, n, partial);
-    case c10::ScalarType::Half: return sgd_chunks_typed<c10::Half>(h, chunks, n, partial);
-    case c10::ScalarType::BFloat16: return sgd_chunks_typed<c10::BFloat16>(h, chunks, n, partial);
+    case c10::ScalarType::Float: return f(float{});
+    case c10::ScalarType::Double: return f(double{});
+    case c10::ScalarType::Half: return f(c10::Half{});
+    case c10::ScalarType::BFloat16: return f(c10::BFloat16{});
     default: unsupported_dtype(dtype);
   }
+}
+
+void sgd_chunks(c10::ScalarType dtype, const SgdHyper& h, const SgdChunk* chunks, int64_t n,
+                double* partial) {
+  for_dtype(dtype, [&](auto tag) {
+    sgd_chunks_typed<decltype(tag)>(h, chunks, n, partial);
+  });
 }
 
 void accumulate_chunks(c10::ScalarType dtype, bool first, const AccumulateChunk* chunks, int64_t n,
                        double* partial) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return accumulate_chunks_typed<float>(first, chunks, n, partial);
-    case c10::ScalarType::Double: return accumulate_chunks_typed<double>(first, chunks, n, partial);
-    case c10::ScalarType::Half:
-      return accumulate_chunks_typed<c10::Half>(first, chunks, n, partial);
-    case c10::ScalarType::BFloat16:
-      return accumulate_chunks_typed<c10::BFloat16>(first, chunks, n, partial);
-    default: unsupported_dtype(dtype);
-  }
+  for_dtype(dtype, [&](auto tag) {
+    accumulate_chunks_typed<decltype(tag)>(first, chunks, n, partial);
+  });
 }
 
 void arrival_chunks(c10::ScalarType dtype, const ArrivalChunk* chunks, int64_t n, double* gg,
                     double* gt) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return arrival_chunks_typed<float>(chunks, n, gg, gt);
-    case c10::ScalarType::Double: return arrival_chunks_typed<double>(chunks, n, gg, gt);
-    case c10::ScalarType::Half: return arrival_chunks_typed<c10::Half>(chunks, n, gg, gt);
-    case c10::ScalarType::BFloat16: return arrival_chunks_typed<c10::BFloat16>(chunks, n, gg, gt);
-    default: unsupported_dtype(dtype);
-  }
+  for_dtype(dtype, [&](auto tag) {
+    arrival_chunks_typed<decltype(tag)>(chunks, n, gg, gt);
+  });
 }
 
 }  // namespace
