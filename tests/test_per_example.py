@@ -233,6 +233,34 @@ def test_transformer_block(method, reduction, fused_linear):
     check(Block(), ids, y, token_ce, reduction, method=method, fused_linear=fused_linear)
 
 
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("stats", ["forward", "recomputed"])
+def test_group_norm_from_its_forwards_statistics(monkeypatch, stats, offset, frozen):
+    # GroupNorm's rule takes each (example, group)'s mean and rstd from the forward (autograd
+    # saved them) and never forms xhat: rstd (sum x d - mean sum d). Where they are not
+    # available it recomputes xhat. Both exact, also where every group's mean is ~100x its
+    # std (the fp32 cancellation in that difference).
+    from fastscale.per_example import registry
+
+    keep, kept = registry.KEEPS[nn.GroupNorm], []
+
+    def spy(mod, output):
+        got = keep(mod, output) if stats == "forward" else None
+        kept.append(got is not None)
+        return got
+
+    monkeypatch.setitem(registry.KEEPS, nn.GroupNorm, spy)
+    torch.manual_seed(23)
+    model = CNN2d()
+    with torch.no_grad():
+        model.c1.bias.add_(offset * model.c1(cnn2d_data()[0]).std())
+    if frozen:
+        getattr(model.gn, frozen).requires_grad_(False)
+    check(model, *cnn2d_data(), ce)
+    assert kept == [stats == "forward"]
+
+
 def test_token_mean_loss_is_mean_reduction():
     # cross_entropy averaged over all B*T tokens == mean over examples of the per-example token mean
     torch.manual_seed(5)

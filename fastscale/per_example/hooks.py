@@ -14,7 +14,7 @@ from .common import _direct_trainable
 from .conv import _ConvWithExampleGrads, _apply_under_autocast, _conv_call, _conv_prefers_gram
 from .functorch import _functorch_sq
 from .linear import _fuses as _linear_fuses, _LinearWithExampleGrads
-from .registry import RULES, kind as _kind
+from .registry import KEEPS, RULES, kind as _kind
 
 __all__ = ["PerExampleGradNorms"]
 
@@ -29,15 +29,16 @@ _FUSED_CONV = (nn.Conv1d, nn.Conv2d)  # their forward can run through _ConvWithE
 
 
 class _Use:
-    """One call of a module: its inputs (detached, the tensors autograd keeps anyway) and,
-    once backward reaches it, the gradient of its output (and, for a fused conv call, every
-    example's weight gradient)."""
+    """One call of a module: its inputs (detached, the tensors autograd keeps anyway), what
+    the rule's ``keep`` took from its forward, and, once backward reaches it, the gradient of
+    its output (and, for a fused call, every example's weight gradient)."""
 
-    __slots__ = ("args", "kwargs", "grad", "example_grads")
+    __slots__ = ("args", "kwargs", "kept", "grad", "example_grads")
 
-    def __init__(self, args, kwargs):
+    def __init__(self, args, kwargs, kept=None):
         detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
         self.args, self.kwargs = pytree.tree_map(detach, args), pytree.tree_map(detach, kwargs)
+        self.kept = kept
         self.grad = self.example_grads = None
 
 
@@ -252,9 +253,12 @@ class PerExampleGradNorms:
         output.register_hook(on_grad)
 
     def _forward_hook(self, layer: _Layer):
+        keep = KEEPS.get(layer.kind)
+
         def hook(module, args, kwargs, output):
             if self._admit(layer, module, args, output):
-                self._watch_output(layer, _Use(args, kwargs), output)
+                kept = None if keep is None else keep(module, output)
+                self._watch_output(layer, _Use(args, kwargs, kept), output)
 
         return hook
 
@@ -326,7 +330,7 @@ class PerExampleGradNorms:
             # The output's hook closure keeps its _Use alive as long as the autograd graph
             # lives (all of backward): drop the tensors now, not at the end.
             for u in all_uses:
-                u.args = u.kwargs = u.grad = None
+                u.args = u.kwargs = u.kept = u.grad = u.example_grads = None
 
     def _reduce_uses(self, layer: _Layer, uses: list[_Use]) -> None:
         kind, mod = layer.kind, layer.module
