@@ -362,6 +362,31 @@ class ConvEdges(nn.Module):
         return self.head(torch.tanh(self.c1d(x)).mean(2))
 
 
+@pytest.mark.parametrize("case", ["conv", "linear"])
+def test_fused_example_gradients_are_freed_once_reduced(case):
+    # Every example's weight gradient ([B, *weight.shape]) is needed only until its layer's
+    # norms are taken: none may outlive that while the graph lives (the loss still referenced).
+    import gc
+
+    torch.manual_seed(24)
+    if case == "conv":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                              nn.Flatten(), nn.Linear(8 * 3 * 3, 5))
+        (x, y), loss_fn = (torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))), ce
+    else:
+        (x, y), model, loss_fn = seq_data(), seq_mlp(), seq_loss
+    fused = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    shapes = {(x.shape[0], *m.weight.shape) for m in fused}
+    with PerExampleGradNorms(model, method="materialize") as norms:
+        loss = loss_fn(model(x), y).mean()
+        loss.backward()
+        assert norms.squared_norms().shape == (x.shape[0],)
+        gc.collect()
+        alive = [tuple(t.shape) for t in gc.get_objects() if isinstance(t, torch.Tensor) and tuple(t.shape) in shapes]
+        assert alive == [], f"per-example gradients still held after their layers were reduced: {alive}"
+        del loss
+
+
 def conv_grad_fns(model):
     """Record, per conv call, whether its weight is trainable and which backward it runs."""
     calls = []

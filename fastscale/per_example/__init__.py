@@ -25,7 +25,9 @@ without materialising per-example gradients where an identity is cheaper
 * ``nn.Embedding``: g_i has one row per distinct token id, the sum of that id's delta rows;
   repeated ids are summed before squaring (sorting, no host sync).
 * ``nn.LayerNorm``/``nn.RMSNorm``/``nn.GroupNorm`` affine parameters: the weight gradient
-  is sum over positions of xhat * delta, with xhat recomputed from the saved input.
+  is sum over positions of xhat * delta, with xhat recomputed from the saved input; for
+  GroupNorm rstd (sum x delta - mean sum delta) per channel, with the forward's own mean and
+  rstd per (example, group), so xhat is never formed.
 
 Loss reduction
 --------------
