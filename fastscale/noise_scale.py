@@ -49,6 +49,12 @@ class NoiseScaleConfig:
     level: coverage of the reported intervals (default 0.9).
     ici_width: half-width, in standard errors, of the intervals compared to choose the window.
     noise_window: window, in updates, of the per-step noise variance (from successive differences).
+    measure_every: ``accumulate_grad()`` measures one optimizer step in this many (the first,
+        then every ``measure_every``-th ``step()`` call); on the others it only checks its
+        arguments and the gradient hooks read nothing, so the micro-batch statistics cost
+        1/``measure_every`` of what they cost on every step. Updates (and so ``windows``,
+        ``min_updates``, ``noise_window``) then count measured steps. Other sources
+        (per-example norms, replicas) measure whenever they are called.
     """
 
     beta: float | None = None
@@ -58,6 +64,7 @@ class NoiseScaleConfig:
     level: float = 0.9
     ici_width: float = 2.0
     noise_window: int = 64
+    measure_every: int = 1
 
     def __post_init__(self):
         if self.beta is not None and (
@@ -80,6 +87,8 @@ class NoiseScaleConfig:
         if isinstance(self.noise_window, bool) or not (
                 isinstance(self.noise_window, numbers.Real) and self.noise_window >= 2):
             raise ValueError(f"NoiseScaleConfig.noise_window must be a number >= 2, got {self.noise_window!r}")
+        if isinstance(self.measure_every, bool) or not (isinstance(self.measure_every, int) and self.measure_every >= 1):
+            raise ValueError(f"NoiseScaleConfig.measure_every must be an int >= 1, got {self.measure_every!r}")
 
     def window_lengths(self) -> tuple:
         """The windows in use: ``windows``, or the one window of a fixed ``beta``."""
@@ -529,6 +538,7 @@ class StatisticsTracker:
         self._hookable = bool(self.params) and all(type(p.data) is torch.Tensor for p in self.params)
         self._hooks_trusted = False
         self._hooks_failed = False  # a hooked step could not be measured: snapshots from then on
+        self.steps_taken = 0  # step() calls: which ones accumulate_grad() measures (measure_every)
 
     # ----------------------------------------------------------------- structure
     def with_params(self, params: list[Tensor]) -> "StatisticsTracker":
@@ -538,6 +548,7 @@ class StatisticsTracker:
         new = StatisticsTracker(self.config, params, self.device, estimator)
         new.snapshots[: len(self.snapshots)] = self.snapshots
         new.last_examples = self.last_examples
+        new.steps_taken = self.steps_taken
         return new
 
     def positions(self, params: list[Tensor]) -> list[int]:
@@ -557,6 +568,11 @@ class StatisticsTracker:
         return vec, present
 
     # ----------------------------------------------------------------- sources
+    @property
+    def measuring(self) -> bool:
+        """Whether accumulate_grad() measures the step being accumulated (measure_every)."""
+        return self.config is None or self.steps_taken % self.config.measure_every == 0
+
     @property
     def pending(self) -> bool:
         return self._pending is not None or self._accumulation is not None
@@ -613,7 +629,7 @@ class StatisticsTracker:
             raise ValueError(
                 "accumulate_grad needs batch_size= (the micro-batch size) when the optimizer has no batch_size"
             )
-        if not params:
+        if not params or not self.measuring:
             return
         # --- all checks passed: write
         if acc is None:
@@ -797,6 +813,9 @@ class StatisticsTracker:
         self.last_norms = last_norms
         m = self._pending if self._pending is not None else self._finish_accumulation()
         self.reset()
+        self.steps_taken += 1
+        if self._capture is not None:  # the hooks read nothing while the next step is not measured
+            self._capture.active = self.measuring
         if self.shards is not None:  # DTensor parameters: the step's one collective
             self.last_norms, m = self.shards.sum_over_shards(last_norms, m)
         if m is None or self.estimator is None:
@@ -818,9 +837,10 @@ class _MicroBatchCapture:
     anything else is "unknown" and measured otherwise.
     """
 
-    def __init__(self, params: list[Tensor], compute: bool = False, arrival=None):
+    def __init__(self, params: list[Tensor], compute: bool = False, arrival=None, active: bool = True):
         self.params = list(params)
         self.compute = compute  # take the norms (once the hooks are trusted)
+        self.active = active  # False: the hooks do nothing (a step accumulate_grad does not measure)
         # The op or its twin (fused=False), as the optimizer asks: set by each accumulate().
         self.arrival = ops.arrival_norms_ if arrival is None else arrival
         self.handles = []
@@ -863,10 +883,10 @@ class _MicroBatchCapture:
 
     def __deepcopy__(self, memo):
         # The copy hooks the copied parameters (those of a deep-copied model and optimizer).
-        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute, self.arrival)
+        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute, self.arrival, self.active)
 
     def __reduce__(self):
-        return _MicroBatchCapture, (self.params, self.compute, self.arrival)
+        return _MicroBatchCapture, (self.params, self.compute, self.arrival, self.active)
 
     def verdict(self, i: int, grad: Tensor, seen: tuple | None) -> str:
         """How ``.grad`` (``grad``) of position i got where it is since the last call, whose
@@ -920,7 +940,7 @@ def _outside_dynamo(fn):
 @_outside_dynamo
 def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
     cap = capture_ref()
-    if cap is None:
+    if cap is None or not cap.active:
         return
     n = cap.fired.get(i, 0)
     cap.fired[i] = n + 1
@@ -955,7 +975,7 @@ def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
 @_outside_dynamo
 def _after_gradient(capture_ref, i: int, param: Tensor) -> None:
     cap = capture_ref()
-    if cap is not None and param.grad is not None:
+    if cap is not None and cap.active and param.grad is not None:
         cap.after[i] = (weakref.ref(param.grad), param.grad._version)
 
 

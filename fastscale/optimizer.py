@@ -605,7 +605,8 @@ class FusedScaledSGD(Optimizer):
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        ours = {"step": self._step_count.clone()}
+        # measure_steps: the step() calls counted for measure_every (a CPU tensor, as torch keeps "step")
+        ours = {"step": self._step_count.clone(), "measure_steps": torch.tensor(self.statistics.steps_taken)}
         if self.statistics.estimator is not None:
             ours["noise_scale"] = self.statistics.estimator.state_dict()
         sd["state"][_STATE_KEY] = ours
@@ -627,7 +628,7 @@ class FusedScaledSGD(Optimizer):
         for saved, mine in zip(saved_groups, self.param_groups):
             merged = {**{k: v for k, v in mine.items() if k not in ("params", "param_names")}, **saved}
             self._check_options(merged)
-        step, estimator = self._check_fastscale_state(ours)
+        step, estimator, measure_steps = self._check_fastscale_state(ours)
         id_map = {}
         for saved, mine in zip(saved_groups, self.param_groups):
             if len(saved.get("params", ())) != len(mine["params"]):
@@ -651,13 +652,16 @@ class FusedScaledSGD(Optimizer):
             self._step_count.copy_(step)
         if estimator is not None:
             self.statistics.estimator = estimator
+        if measure_steps is not None:
+            self.statistics.steps_taken = measure_steps
         self._caches()
 
     def _check_fastscale_state(self, ours):
-        """The step counter and estimator a saved ``"fastscale"`` entry would install, built
-        aside (None where absent): a corrupt entry raises before anything is loaded."""
+        """The step counter, estimator and measure_every phase a saved ``"fastscale"`` entry
+        would install, built aside (None where absent): a corrupt entry raises before anything
+        is loaded."""
         if ours is None:
-            return None, None
+            return None, None, None
         if not isinstance(ours, dict):
             raise TypeError(f"state['{_STATE_KEY}'] must be a dict, got {type(ours).__name__}")
         step = ours.get("step")
@@ -667,4 +671,12 @@ class FusedScaledSGD(Optimizer):
         if self.statistics.estimator is not None and "noise_scale" in ours:
             estimator = NoiseScaleEstimator(self._noise_config, len(self.statistics.params), self.statistics.device)
             estimator.load_state_dict(ours["noise_scale"])
-        return step.detach().reshape(1), estimator
+        measure_steps = ours.get("measure_steps")
+        if measure_steps is not None:
+            if not (isinstance(measure_steps, Tensor) and measure_steps.numel() == 1
+                    and not measure_steps.is_floating_point() and not measure_steps.is_complex()
+                    and measure_steps.dtype != torch.bool and int(measure_steps) >= 0):
+                raise ValueError(f"state['{_STATE_KEY}']['measure_steps'] must be a 1-element integer tensor >= 0, "
+                                 f"got {measure_steps!r}")
+            measure_steps = int(measure_steps)
+        return step.detach().reshape(1), estimator, measure_steps

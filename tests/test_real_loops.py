@@ -425,3 +425,71 @@ def test_a_loop_that_starts_editing_grads_is_measured_at_every_step(clip, impl):
         loop_step(twin, ref, batches, torch.float64, clip=edit)
         assert (opt.statistics.estimator.updates > updates).any()
         assert_same_figures(opt, ref, 1e-5)
+
+
+# ----------------------------------------------------------------- measure_every
+
+
+def measured_or_plain_step(model, opt, batches, accumulate):
+    """Three micro-batches; ``accumulate_grad`` after each backward only if ``accumulate``."""
+    opt.zero_grad()
+    for x, y, expert in batches:
+        ((model(x, expert) - y).square().mean() / len(batches)).backward()
+        if accumulate:
+            opt.accumulate_grad(loss_scale=1 / len(batches))
+    opt.step()
+
+
+def assert_same_estimator(a, b):
+    sa, sb = a.statistics.estimator.state_dict(), b.statistics.estimator.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key].nan_to_num(), sb[key].nan_to_num()), key
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_measure_every_measures_one_step_in_n(every, monkeypatch, impl):
+    """measure_every=n: accumulate_grad() called on every step measures step() calls 0, n, 2n, …
+    exactly as a loop that calls it on those steps only (the estimator bit for bit, the
+    parameters too); on the other steps the hooks read no gradient; a state_dict keeps the
+    phase, so a loaded copy measures the same steps as the original."""
+    reads = []
+    for ops in (noise_scale.ops.dispatched, noise_scale.ops.pure_torch):
+        monkeypatch.setattr(ops, "arrival_norms_", lambda *a, f=ops.arrival_norms_: (reads.append(1), f(*a))[1])
+    torch.manual_seed(7)
+    model = Net().double()
+    twin = copy.deepcopy(model)
+    config = dict(min_updates=0, windows=(2, 4))
+    opt = FusedScaledSGD(model.parameters(), lr=0.05, momentum=0.9, batch_size=18,
+                         noise_scale=NoiseScaleConfig(**config, measure_every=every), **impl)
+    ref = FusedScaledSGD(twin.parameters(), lr=0.05, momentum=0.9, batch_size=18,
+                         noise_scale=NoiseScaleConfig(**config), **impl)
+    copied = None
+    for step in range(8):
+        batches = micro_batches(3, seed=step)
+        if step == 5:
+            copied = copy.deepcopy(model)
+            loaded = FusedScaledSGD(copied.parameters(), lr=0.05, momentum=0.9, batch_size=18,
+                                    noise_scale=NoiseScaleConfig(**config, measure_every=every), **impl)
+            loaded.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch's load shares the buffers
+        reads.clear()
+        measured_or_plain_step(model, opt, batches, accumulate=True)
+        # the hooks read gradients on measured steps only (from step 0's third micro-batch on,
+        # once trusted)
+        assert bool(reads) == (step % every == 0), (step, len(reads))
+        measured_or_plain_step(twin, ref, batches, accumulate=step % every == 0)
+        if copied is not None:
+            measured_or_plain_step(copied, loaded, batches, accumulate=True)
+            # the same steps measured; its first accumulation from snapshots, opt's from hooks
+            assert torch.equal(loaded.statistics.estimator.updates, opt.statistics.estimator.updates)
+            assert_same_figures(loaded, opt, 1e-5)
+        assert_same_estimator(opt, ref)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p, q)
+    assert int(opt.statistics.estimator.updates[0]) == len(range(0, 8, every))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "3"])
+def test_measure_every_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="measure_every must be an int >= 1"):
+        NoiseScaleConfig(measure_every=bad)
