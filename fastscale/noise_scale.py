@@ -539,6 +539,7 @@ class StatisticsTracker:
         self._hooks_trusted = False
         self._hooks_failed = False  # a hooked step could not be measured: snapshots from then on
         self.steps_taken = 0  # step() calls: which ones accumulate_grad() measures (measure_every)
+        self.measuring = True  # whether accumulate_grad() measures the step being accumulated
 
     # ----------------------------------------------------------------- structure
     def with_params(self, params: list[Tensor]) -> "StatisticsTracker":
@@ -548,7 +549,7 @@ class StatisticsTracker:
         new = StatisticsTracker(self.config, params, self.device, estimator)
         new.snapshots[: len(self.snapshots)] = self.snapshots
         new.last_examples = self.last_examples
-        new.steps_taken = self.steps_taken
+        new.set_steps_taken(self.steps_taken)
         return new
 
     def positions(self, params: list[Tensor]) -> list[int]:
@@ -568,10 +569,20 @@ class StatisticsTracker:
         return vec, present
 
     # ----------------------------------------------------------------- sources
-    @property
-    def measuring(self) -> bool:
-        """Whether accumulate_grad() measures the step being accumulated (measure_every)."""
-        return self.config is None or self.steps_taken % self.config.measure_every == 0
+    @torch.compiler.disable
+    def _count_step(self) -> None:
+        self.set_steps_taken(self.steps_taken + 1)  # read here, not where dynamo would guard on it
+
+    @torch.compiler.disable
+    def set_steps_taken(self, steps: int) -> None:
+        """Count ``steps`` step() calls so far, and so whether accumulate_grad() measures the
+        next one (measure_every). Kept out of torch.compile: a guard on the count would
+        recompile a compiled training step at every step; ``measuring`` changes only every
+        measure_every steps (never at 1)."""
+        self.steps_taken = steps
+        self.measuring = self.config is None or steps % self.config.measure_every == 0
+        if self._capture is not None:  # the hooks read nothing while the step is not measured
+            self._capture.active = self.measuring
 
     @property
     def pending(self) -> bool:
@@ -813,9 +824,7 @@ class StatisticsTracker:
         self.last_norms = last_norms
         m = self._pending if self._pending is not None else self._finish_accumulation()
         self.reset()
-        self.steps_taken += 1
-        if self._capture is not None:  # the hooks read nothing while the next step is not measured
-            self._capture.active = self.measuring
+        self._count_step()
         if self.shards is not None:  # DTensor parameters: the step's one collective
             self.last_norms, m = self.shards.sum_over_shards(last_norms, m)
         if m is None or self.estimator is None:

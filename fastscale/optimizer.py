@@ -653,7 +653,7 @@ class FusedScaledSGD(Optimizer):
         if estimator is not None:
             self.statistics.estimator = estimator
         if measure_steps is not None:
-            self.statistics.steps_taken = measure_steps
+            self.statistics.set_steps_taken(measure_steps)
         self._caches()
 
     def _check_fastscale_state(self, ours):
