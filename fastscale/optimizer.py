@@ -125,7 +125,7 @@ class FusedScaledSGD(Optimizer):
         scaling: ``"linear"`` (default), ``"sqrt"``, ``"noise"`` or ``"none"``.
         warmup_steps: steps of linear warmup (0: none).
         warmup_start_factor: multiplier of the scaled lr at step 0 (default ``1/scale``: start
-            from the unscaled lr, Goyal et al. 2017); only with ``warmup_steps`` > 0.
+            from the unscaled lr, Goyal et al. 2017).
         noise_fallback: for ``scaling="noise"``, the B_noise used until the live estimate has
             warmed up (default: ``base_batch_size``, a cautious scale between 1 and 2).
         noise_scale: ``True`` or a :class:`NoiseScaleConfig` to estimate the gradient noise scale.
@@ -221,7 +221,7 @@ class FusedScaledSGD(Optimizer):
         super().add_param_group(probe)  # appends the probe on success
         try:
             self._check_options(probe)
-            lr_scaling.check_warmup_does_something(probe)
+            lr_scaling.check_warmup_has_a_ramp(probe)
             if probe["fused"]:
                 for p in probe["params"]:
                     ops.check_native(p.device.type, required=True)

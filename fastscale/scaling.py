@@ -56,14 +56,9 @@ def check_group_options(group: dict) -> None:
         raise ValueError(f"noise_fallback must be None (the base batch size) or a float > 0, got {fallback!r}")
 
 
-def check_warmup_does_something(group: dict) -> None:
-    """Refuse warmup options that would do nothing (checked when a group is added): a start
-    factor without warmup steps, or a flat warmup: by default it starts from the unscaled rate,
-    which is the target when there is no batch-size ratio."""
-    if not group["warmup_steps"] and group["warmup_start_factor"] is not None:
-        raise ValueError(
-            f"warmup_start_factor={group['warmup_start_factor']!r} would do nothing with warmup_steps=0: "
-            "give warmup_steps > 0, or leave warmup_start_factor=None")
+def check_warmup_has_a_ramp(group: dict) -> None:
+    """Refuse a warmup that would be flat: by default it starts from the unscaled rate, which
+    is the target when there is no batch-size ratio (checked when a group is added)."""
     if group["warmup_steps"] and group["warmup_start_factor"] is None and host_scale(group) == 1.0:
         raise ValueError(
             f"warmup_steps={group['warmup_steps']} would do nothing: the default warmup ramps from the unscaled "
