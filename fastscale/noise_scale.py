@@ -50,9 +50,10 @@ class NoiseScaleConfig:
     ici_width: half-width, in standard errors, of the intervals compared to choose the window.
     noise_window: window, in updates, of the per-step noise variance (from successive differences).
     measure_every: ``accumulate_grad()`` measures one optimizer step in this many (the first,
-        then every ``measure_every``-th ``step()`` call); on the others it only checks its
-        arguments and the gradient hooks read nothing, so the micro-batch statistics cost
-        1/``measure_every`` of what they cost on every step. Updates (and so ``windows``,
+        then every ``measure_every``-th ``step()`` call, counted on the host: a step skipped
+        for an AMP overflow counts, a step replayed from a CUDA graph does not); on the others
+        it only checks its arguments and the gradient hooks return at once, so a measured
+        step costs what it did and the others nearly nothing. Updates (and so ``windows``,
         ``min_updates``, ``noise_window``) then count measured steps. Other sources
         (per-example norms, replicas) measure whenever they are called.
     """

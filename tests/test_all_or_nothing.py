@@ -155,8 +155,10 @@ def corrupt_state_dicts(opt):
     def missing_key(sd):
         del sd["state"]["fastscale"]["noise_scale"]["fit"]
 
-    def bad_measure_steps(sd):
-        sd["state"]["fastscale"]["measure_steps"] = torch.tensor(-1)
+    def bad_measure_steps(value):
+        def edit_it(sd):
+            sd["state"]["fastscale"]["measure_steps"] = value
+        return edit_it
 
     def per_tensor_mismatch(sd):
         ns = sd["state"]["fastscale"]["noise_scale"]
@@ -173,7 +175,8 @@ def corrupt_state_dicts(opt):
         (edit(bad_group), ValueError, "batch_size must be a positive int"),
         (edit(bad_step), ValueError, r"\['step'\] must be a 1-element tensor"),
         (edit(missing_key), KeyError, "missing 'fit'"),
-        (edit(bad_measure_steps), ValueError, r"\['measure_steps'\] must be a 1-element integer tensor >= 0"),
+        *((edit(bad_measure_steps(v)), ValueError, r"\['measure_steps'\] must be a 1-element integer tensor >= 0")
+          for v in (torch.tensor(-1), torch.tensor(2.0), torch.tensor(True), torch.tensor([1, 2]), 3)),
         (edit(per_tensor_mismatch), ValueError, "saved under another NoiseScaleConfig"),
         (edit(buffer_shape), ValueError, "momentum_buffer of parameter 0 has shape"),
         (edit(group_count), ValueError, "different number of parameter groups"),

@@ -193,8 +193,7 @@ def test_compiled_step_does_not_recompile_as_lr_and_batch_size_change(impl):
     """
     model = make_model()
     twin = copy.deepcopy(model)
-    every = 2 if source == "accumulate_every2" else 1
-    opt, eager_opt = make_optimizer(model, impl, every), make_optimizer(twin, impl, every)
+    opt, eager_opt = make_optimizer(model, impl), make_optimizer(twin, impl)
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.9) for o in (opt, eager_opt)]
     backend = "aot_eager"  # guards, and so recompiles, are dynamo's: the same under inductor
     compiler, graphs = counting(backend)

@@ -258,7 +258,39 @@ def test_group_norm_from_its_forwards_statistics(monkeypatch, stats, offset, fro
     if frozen:
         getattr(model.gn, frozen).requires_grad_(False)
     check(model, *cnn2d_data(), ce)
-    assert kept == [stats == "forward"]
+    assert kept == [stats == "forward" and frozen != "weight"]  # a frozen weight needs no statistics
+
+
+def test_group_norm_under_activation_checkpointing_reads_no_saved_tensor():
+    # Under non-reentrant checkpointing, reading a saved tensor in the forward would recompute
+    # the checkpointed block at once (and keep what it computed): the rule then recomputes xhat
+    # in the backward, and the block runs twice in all (forward, backward), as without hooks.
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
+            self.head = nn.Linear(8, 5)
+            self.runs, self.checkpointed = 0, False
+
+        def run_block(self, x):
+            self.runs += 1
+            return self.block(x)
+
+        def forward(self, x):
+            h = checkpoint(self.run_block, x, use_reentrant=False) if self.checkpointed else self.run_block(x)
+            return self.head(h.mean((2, 3)))
+
+    torch.manual_seed(25)
+    model = Checkpointed()
+    x, y = cnn2d_data()
+    want = reference(model, x, y, ce)  # torch.func does not run under saved-tensor hooks
+    model.runs, model.checkpointed = 0, True
+    norms = run_hooks(model, x, y, ce, "mean")
+    assert model.runs == 2
+    for name, got in norms.per_layer().items():
+        assert_close(got, want[name], name)
 
 
 def test_token_mean_loss_is_mean_reduction():

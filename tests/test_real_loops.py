@@ -272,9 +272,10 @@ def test_accumulate_without_any_batch_size_raises_and_retry_works(impl):
 # hooks as the gradient arrives (no snapshot of .grad); the snapshot path is the oracle.
 
 
-def loop_step(model, opt, batches, dtype, reset="opt", clip=None, edit=None):
+def loop_step(model, opt, batches, dtype, reset="opt", clip=None, edit=None, accumulate=True):
     """One step of three (or k) micro-batches with loss scale 1/k; returns whether the hooks
-    measured it. ``edit(model, i)`` runs after micro-batch i's backward (its own backwards)."""
+    measured it (None: not measured). ``edit(model, i)`` runs after micro-batch i's backward
+    (its own backwards); ``accumulate=False`` leaves out the accumulate_grad() calls."""
     if reset == "opt":
         opt.zero_grad()
     elif reset == "model":
@@ -286,8 +287,10 @@ def loop_step(model, opt, batches, dtype, reset="opt", clip=None, edit=None):
     for i, (x, y, expert) in enumerate(batches):
         if edit is None or not edit(model, i, x.to(dtype), y.to(dtype), expert):
             ((model(x.to(dtype), expert) - y.to(dtype)).square().mean() / k).backward()
-        opt.accumulate_grad(loss_scale=1 / k)
-    hooked = opt.statistics._accumulation.hooks
+        if accumulate:
+            opt.accumulate_grad(loss_scale=1 / k)
+    acc = opt.statistics._accumulation
+    hooked = None if acc is None else acc.hooks
     if callable(clip):
         clip(model)
     elif clip is not None:
@@ -430,16 +433,6 @@ def test_a_loop_that_starts_editing_grads_is_measured_at_every_step(clip, impl):
 # ----------------------------------------------------------------- measure_every
 
 
-def measured_or_plain_step(model, opt, batches, accumulate):
-    """Three micro-batches; ``accumulate_grad`` after each backward only if ``accumulate``."""
-    opt.zero_grad()
-    for x, y, expert in batches:
-        ((model(x, expert) - y).square().mean() / len(batches)).backward()
-        if accumulate:
-            opt.accumulate_grad(loss_scale=1 / len(batches))
-    opt.step()
-
-
 def assert_same_estimator(a, b):
     sa, sb = a.statistics.estimator.state_dict(), b.statistics.estimator.state_dict()
     assert sa.keys() == sb.keys()
@@ -473,13 +466,13 @@ def test_measure_every_measures_one_step_in_n(every, monkeypatch, impl):
                                     noise_scale=NoiseScaleConfig(**config, measure_every=every), **impl)
             loaded.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch's load shares the buffers
         reads.clear()
-        measured_or_plain_step(model, opt, batches, accumulate=True)
+        loop_step(model, opt, batches, torch.float64)
         # the hooks read gradients on measured steps only (from step 0's third micro-batch on,
         # once trusted)
         assert bool(reads) == (step % every == 0), (step, len(reads))
-        measured_or_plain_step(twin, ref, batches, accumulate=step % every == 0)
+        loop_step(twin, ref, batches, torch.float64, accumulate=step % every == 0)
         if copied is not None:
-            measured_or_plain_step(copied, loaded, batches, accumulate=True)
+            loop_step(copied, loaded, batches, torch.float64)
             # the same steps measured; its first accumulation from snapshots, opt's from hooks
             assert torch.equal(loaded.statistics.estimator.updates, opt.statistics.estimator.updates)
             assert_same_figures(loaded, opt, 1e-5)
@@ -487,6 +480,26 @@ def test_measure_every_measures_one_step_in_n(every, monkeypatch, impl):
         for p, q in zip(model.parameters(), twin.parameters(), strict=True):
             assert torch.equal(p, q)
     assert int(opt.statistics.estimator.updates[0]) == len(range(0, 8, every))
+
+
+def test_a_loaded_measure_every_phase_turns_the_hooks_on(impl):
+    """Loading a state dict at a measured step into an optimizer whose hooks are off (its
+    next step was not measured) turns them on: the step is measured from the hooks, no warning."""
+    import warnings
+
+    torch.manual_seed(8)
+    model = Net().double()
+    opt = FusedScaledSGD(model.parameters(), lr=0.05, momentum=0.9, batch_size=18,
+                         noise_scale=NoiseScaleConfig(min_updates=0, measure_every=2), **impl)
+    saved = copy.deepcopy(opt.state_dict())  # phase 0: the next step is measured
+    loop_step(model, opt, micro_batches(3, seed=0), torch.float64)
+    assert opt.statistics._hooks_trusted and not opt.statistics._capture.active  # step 1: not measured
+    opt.load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop_step(model, opt, micro_batches(3, seed=1), torch.float64)
+    assert not opt.statistics._hooks_failed
+    assert int(opt.statistics.estimator.updates[0]) == 1
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True, "3"])

@@ -252,13 +252,16 @@ class PerExampleGradNorms:
 
         output.register_hook(on_grad)
 
-    def _forward_hook(self, layer: _Layer):
+    @staticmethod
+    def _use(layer: _Layer, module, args, kwargs, output) -> _Use:
+        """The record of an admitted call, with what the rule's ``keep`` takes from its forward."""
         keep = KEEPS.get(layer.kind)
+        return _Use(args, kwargs, None if keep is None else keep(module, output))
 
+    def _forward_hook(self, layer: _Layer):
         def hook(module, args, kwargs, output):
             if self._admit(layer, module, args, output):
-                kept = None if keep is None else keep(module, output)
-                self._watch_output(layer, _Use(args, kwargs, kept), output)
+                self._watch_output(layer, self._use(layer, module, args, kwargs, output), output)
 
         return hook
 
@@ -314,7 +317,7 @@ class PerExampleGradNorms:
                     return output
             output = own_forward(mod, input)
             if self._admit(layer, mod, (input,), output):
-                self._watch_output(layer, _Use((input,), {}), output)
+                self._watch_output(layer, self._use(layer, mod, (input,), {}, output), output)
             return output
 
         return forward

@@ -6,7 +6,8 @@ gradient of the module's own trainable parameters, from its recorded calls (``us
 args and output gradient of each call) and the forward/Gram choice ``method``. Adding a layer
 type is one module with one registered function, imported in ``__init__``. A rule that needs
 more of the forward than the inputs (the statistics a norm layer computed) registers
-``keep(module, output)``: what it returns is recorded with the call, as ``use.kept``.
+``keep(module, output)``: what it returns is recorded with the call, as ``use.kept``. It runs in
+the forward, must not raise, and returns None when it cannot tell (the rule then does without).
 """
 
 from __future__ import annotations
