@@ -539,7 +539,7 @@ class StatisticsTracker:
         self._hookable = bool(self.params) and all(type(p.data) is torch.Tensor for p in self.params)
         self._hooks_trusted = False
         self._hooks_failed = False  # a hooked step could not be measured: snapshots from then on
-        self.steps_taken = 0  # step() calls: which ones accumulate_grad() measures (measure_every)
+        self.steps_taken = 0  # step() calls, counted while measure_every > 1: which ones are measured
         self.measuring = True  # whether accumulate_grad() measures the step being accumulated
 
     # ----------------------------------------------------------------- structure
@@ -825,7 +825,8 @@ class StatisticsTracker:
         self.last_norms = last_norms
         m = self._pending if self._pending is not None else self._finish_accumulation()
         self.reset()
-        self._count_step()
+        if self.config is not None and self.config.measure_every > 1:
+            self._count_step()  # out of torch.compile (a graph break): only where there is a phase
         if self.shards is not None:  # DTensor parameters: the step's one collective
             self.last_norms, m = self.shards.sum_over_shards(last_norms, m)
         if m is None or self.estimator is None:
