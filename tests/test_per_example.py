@@ -261,6 +261,49 @@ def test_group_norm_from_its_forwards_statistics(monkeypatch, stats, offset, fro
     assert kept == [stats == "forward" and frozen != "weight"]  # a frozen weight needs no statistics
 
 
+@pytest.mark.parametrize("case", ["channels_last", "called_twice", "autocast_bf16"])
+def test_group_norm_statistics_path_equals_the_recompute(monkeypatch, case):
+    # Where no fp64 reference applies (autocast) or the layout differs: the forward's statistics
+    # and the recomputed xhat give the same norms on the same run, and the statistics were used.
+    from fastscale.per_example import registry
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gn, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Linear(8, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.gn(self.conv(x)))
+            if case == "called_twice":
+                h = torch.relu(self.gn(h))
+            return self.head(h.mean((2, 3)))
+
+    torch.manual_seed(26)
+    model = Net()
+    x, y = cnn2d_data()
+    if case == "channels_last":
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    keep, kept = registry.KEEPS[nn.GroupNorm], []
+    results = {}
+    for stats in ("forward", "recomputed"):
+        def spy(mod, output, stats=stats):
+            got = keep(mod, output) if stats == "forward" else None
+            kept.append(got is not None)
+            return got
+
+        monkeypatch.setitem(registry.KEEPS, nn.GroupNorm, spy)
+        norms = PerExampleGradNorms(model)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast_bf16"):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        results[stats] = norms.per_layer()["gn"]
+        norms.detach()
+    calls = 2 if case == "called_twice" else 1
+    assert kept == [True] * calls + [False] * calls
+    torch.testing.assert_close(results["forward"], results["recomputed"], rtol=1e-5, atol=0)
+
+
 def test_group_norm_under_activation_checkpointing_reads_no_saved_tensor():
     # Under non-reentrant checkpointing, reading a saved tensor in the forward would recompute
     # the checkpointed block at once (and keep what it computed): the rule then recomputes xhat
