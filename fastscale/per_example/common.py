@@ -25,7 +25,7 @@ def _gram_sq(a: Tensor, d: Tensor) -> Tensor:
     """The Gram form of ``_weight_sq``: sum_{t,s} (a_t.a_s)(d_t.d_s), g_n never formed."""
     gram_a = torch.bmm(a, a.transpose(1, 2))
     gram_d = torch.bmm(d, d.transpose(1, 2))
-    return (gram_a * gram_d).sum((1, 2))
+    return gram_a.mul_(gram_d).sum((1, 2))  # in place: a fresh temporary costs page faults on CPU
 
 
 def _materialised_sq(a: Tensor, d: Tensor) -> Tensor:

@@ -30,5 +30,5 @@ def _embedding_sq(mod: nn.Embedding, uses, method: str = "auto") -> Tensor:
     group = starts.cumsum(0) - 1
     rows = d.reshape(-1, mod.embedding_dim)[perm]
     sums = torch.zeros_like(rows).index_add_(0, group, rows)
-    per_token = (rows * sums[group]).sum(1)
+    per_token = sums[group].mul_(rows).sum(1)  # in place on the gathered copy: no other temporary
     return d.new_zeros(b).index_add_(0, perm // t, per_token)

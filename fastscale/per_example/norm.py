@@ -57,7 +57,7 @@ def _group_norm_grads(mod: nn.GroupNorm, x: Tensor, d: Tensor, stats, weight: bo
         return None, sd
     if stats is None:
         xhat = F.group_norm(x, mod.num_groups, None, None, mod.eps)
-        return (xhat * d).reshape(b, c, -1).sum(2), sd
+        return xhat.mul_(d).reshape(b, c, -1).sum(2), sd
     mean, rstd = (s.to(x.dtype).reshape(b, mod.num_groups, 1) for s in stats)
     sxd = torch.linalg.vecdot(x.reshape(b, c, -1), dr).reshape(b, mod.num_groups, -1)
     return ((sxd - mean * sd.reshape(b, mod.num_groups, -1)) * rstd).reshape(b, c), sd
@@ -82,7 +82,9 @@ def _norm_sq(mod: nn.Module, uses, method: str = "auto") -> Tensor:
                 xhat = F.layer_norm(x, mod.normalized_shape, None, None, mod.eps)
             else:
                 xhat = F.rms_norm(x, mod.normalized_shape, None, mod.eps)
-            gw = gw + to_rows(xhat * d)
+            # In place on our own xhat: a fresh [B, T, k] temporary costs page faults (measured
+            # 1.06 -> 0.48 ms for the rule on a [32, 64, 128] call, one CPU thread).
+            gw = gw + to_rows(xhat.mul_(d))
         if bias:
             gb = gb + to_rows(d)
     sq = _acc(uses[0].grad).new_zeros(b)
