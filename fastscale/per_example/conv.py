@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import _acc, _cat, _prefers_gram, _weight_sq
+from .common import _acc, _cat, _prefers_gram, _summed_examples_sq, _weight_sq
 from .registry import register
 
 
@@ -144,15 +144,11 @@ def _conv_sq(mod: nn.Conv1d | nn.Conv2d, uses, method: str) -> Tensor:
         fused = any(u.example_grads is not None for u in uses)
         if fused or not _conv_prefers_gram(mod, method, positions):
             # Sum each example's gradient over the calls, then square.
-            total = None
-            for u in uses:
-                g = u.example_grads
-                if g is None:
-                    x, geometry = _conv_call(mod, _acc(u.args[0]))
-                    g = _conv_example_grads(x, _acc(u.grad), mod.weight.shape, geometry)
-                total = _acc(g) if total is None else total + _acc(g)
-            # One pass, no squared temporary (measured 1.5x faster than square().sum()).
-            sq = sq + torch.linalg.vector_norm(total.flatten(1), dim=1).square()
+            def example_grads(u):
+                x, geometry = _conv_call(mod, _acc(u.args[0]))
+                return _conv_example_grads(x, _acc(u.grad), mod.weight.shape, geometry)
+
+            sq = sq + _summed_examples_sq(uses, example_grads)
         else:
             # Gram form: a conv is a Linear over im2col patches, one "token" per output
             # position (and per call). Groups are independent maps: folded into the bmm batch.

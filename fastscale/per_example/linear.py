@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import _acc, _cat, _tokens, _weight_sq
+from .common import _acc, _cat, _summed_examples_sq, _tokens, _weight_sq
 from .registry import register
 
 # The fused form holds every example's weight gradient, B·d_in·d_out, for one layer at a time.
@@ -77,12 +77,7 @@ def _linear_sq(mod: nn.Linear, uses, method: str) -> Tensor:
     d = _cat([_tokens(_acc(u.grad)) for u in uses], dim=1)
     sq = d.new_zeros(d.shape[0])
     if weight and any(u.example_grads is not None for u in uses):
-        # Sum each example's gradient over the calls (fused ones brought theirs), then square.
-        total = None
-        for u in uses:
-            g = u.example_grads if u.example_grads is not None else _example_grads(_acc(u.args[0]), _acc(u.grad))
-            total = _acc(g) if total is None else total + _acc(g)
-        sq = sq + torch.linalg.vector_norm(total.flatten(1), dim=1).square()
+        sq = sq + _summed_examples_sq(uses, lambda u: _example_grads(_acc(u.args[0]), _acc(u.grad)))
     elif weight:
         a = _cat([_tokens(_acc(u.args[0])) for u in uses], dim=1)
         sq = sq + _weight_sq(a, d, method)
