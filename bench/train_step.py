@@ -10,7 +10,8 @@ micro-batches of 16 sequences. Candidates, each on its own copy of the same mode
   torch_fused          torch.optim.SGD(fused=True), no statistics (the reference)
   fastscale            FusedScaledSGD(fused=True), no statistics source
   fastscale_accum      + noise_scale=True and accumulate_grad() after each micro-batch
-                       (micro-batch norms and |.grad|² from autograd hooks: |g|², g·T)
+                       (micro-batch norms and |.grad|² from autograd hooks: |g|², g·T, |T|²;
+                       the first micro-batch unread, later ones added into .grad by the hook)
   fastscale_accum_snap the same, measured from snapshots of .grad (the path before the hooks)
   fastscale_accum_every8
                        fastscale_accum with NoiseScaleConfig(measure_every=8): one step in 8

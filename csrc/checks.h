@@ -118,22 +118,25 @@ inline void check_accumulate_grad_inputs(at::TensorList snapshots, at::TensorLis
   check_no_internal_overlap("snapshots", snapshots);
 }
 
-// Every input of fastscale::arrival_norms_: out a contiguous 2-element fp32/fp64 tensor on the
-// gradient's device; accumulated (when given) like grad in dtype, device and shape.
+// Every input of fastscale::arrival_norms_: out a contiguous 3-element fp32/fp64 tensor on the
+// gradient's device; accumulated (when given) like grad in dtype, device and shape, and given
+// whenever add is (it is written then, so it must not overlap itself, out or grad).
 inline void check_arrival_norms_inputs(const at::Tensor& out, const at::Tensor& grad,
-                                       const std::optional<at::Tensor>& accumulated) {
-  TORCH_CHECK(out.defined() && out.layout() == at::kStrided && out.numel() == 2 &&
+                                       const std::optional<at::Tensor>& accumulated, bool add) {
+  TORCH_CHECK(out.defined() && out.layout() == at::kStrided && out.numel() == 3 &&
                   out.is_contiguous(),
-              "fastscale: out must be a contiguous dense tensor of 2 elements");
+              "fastscale: out must be a contiguous dense tensor of 3 elements");
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
               "fastscale: out has dtype ", out.scalar_type(), "; it must be float32 or float64");
   const at::Tensor grads[] = {grad};
   check_tensor_list("grad", grads, grad, "grad");
   TORCH_CHECK(out.device() == grad.device(), "fastscale: out is on ", out.device(),
               " but grad is on ", grad.device());
+  TORCH_CHECK(accumulated || !add, "fastscale: add=True needs accumulated (the .grad to add into)");
   if (accumulated) {
     const at::Tensor acc[] = {*accumulated};
     check_tensor_list("accumulated", acc, grad, "grad", grads);
+    if (add) check_no_internal_overlap("accumulated", acc);
   }
 }
 

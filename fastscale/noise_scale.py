@@ -442,6 +442,15 @@ def _amp_divisor(grad_scaler, device) -> Tensor | None:
     return grad_scaler._get_scale_async().to(device=device, dtype=torch.float64).reshape(1).square().reciprocal()
 
 
+def _unscaled_sq(sq: Tensor, divisor: Tensor | None, loss_scale: float) -> Tensor:
+    """Squared norms of a loss scaled by ``loss_scale`` (and an AMP scale, 1/s² = ``divisor``)
+    as those of the unscaled loss, in fp64."""
+    sq = sq.double()
+    if divisor is not None:
+        sq = sq * divisor
+    return sq / loss_scale**2
+
+
 def check_grad_scaler(grad_scaler) -> None:
     if grad_scaler is not None and not (hasattr(grad_scaler, "is_enabled") and hasattr(grad_scaler, "_get_scale_async")):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}")
@@ -502,6 +511,11 @@ class _Accumulation:
         self.seen: dict[int, tuple[weakref.ref, int]] = {}
         self.amp_divisor: Tensor | None = None  # of the last call: the big norm is taken then
         self.default_total: int | None = None  # the optimizer's batch size at the last call
+        # With hooks, the first micro-batch's gradients are not read as they arrive: |g|² of
+        # each is |.grad|² when the next micro-batch's gradient arrives (the hooks' third sum).
+        # deferred: those positions; deferred_scale: their call's (amp divisor, loss scale).
+        self.deferred: tuple[int, ...] = ()
+        self.deferred_scale: tuple | None = None
 
 
 class StatisticsTracker:
@@ -595,6 +609,7 @@ class StatisticsTracker:
         self._accumulation = None
         if self._capture is not None:
             self._capture.clear()
+            self._capture.defer_fresh = True  # the next micro-batch is a first one
 
     def grad_sq_norms(self, params: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Per-tensor |.grad|² now (fp32 vector over all parameters) and the mask present."""
@@ -650,20 +665,22 @@ class StatisticsTracker:
                 self.snapshots = [None] * len(self.params)  # their memory back: hooks from now on
         acc.seen = {i: v for i, v in acc.seen.items() if i in kept}  # reset ones are measured afresh
         divisor = _amp_divisor(grad_scaler, self.device)
+        late = None  # the previous call's deferred |g|², known now
         if acc.hooks:
-            sq_pt = self._from_hooks(acc, params, kept)
+            sq_pt, late = self._from_hooks(acc, params, kept)
         else:
             sq_pt = self._from_snapshots(params_by_bucket, impl.accumulate_grad_, kept)
             if self._hookable and not self._hooks_failed:
                 self._watch_hooks(acc, params, kept)
         if self._capture is not None:
             self._capture.arrival = impl.arrival_norms_  # for the next micro-batch's gradients
+            self._capture.defer_fresh = False  # later micro-batches: fresh gradients are read
         if sq_pt is None:
             sq_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
-        sq_pt = sq_pt.double()
-        if divisor is not None:
-            sq_pt = sq_pt * divisor
-        sq_pt = sq_pt / loss_scale**2
+        sq_pt = _unscaled_sq(sq_pt, divisor, loss_scale)
+        if late is not None:
+            sq_pt = sq_pt + _unscaled_sq(late, *acc.deferred_scale)
+        acc.deferred_scale = (divisor, loss_scale) if acc.deferred else None
         acc.small_pt = sq_pt if acc.small_pt is None else acc.small_pt + sq_pt
         acc.loss_scales.append(loss_scale)
         acc.batch_sizes.append(batch_size)
@@ -715,31 +732,55 @@ class StatisticsTracker:
         arrived (no snapshot: one read of the gradient, while it is fresh), and
         ``acc.big_pt`` <- |.grad|² now, as |T + g|² = |T|² + 2 g·T + |g|². A continuing gradient
         the hooks cannot account for (edited by hand, two backwards in one micro-batch) breaks
-        the step: no measurement, a warning, and snapshots from the next accumulation on."""
+        the step: no measurement, a warning, and snapshots from the next accumulation on.
+
+        Returns (this micro-batch's |g|² per tensor, the previous call's deferred |g|² per
+        tensor or None); (None, None) when the step is broken. A first micro-batch's gradients
+        are not read as they arrive (``acc.deferred``): each one's |g|² is |.grad|² when the
+        next gradient arrives, the third sum of that read."""
         if self._capture is None:
             self._capture = _MicroBatchCapture(self.params)
         cap = self._capture
         hooked, direct = [], []  # positions measured by the hooks / read from .grad now
+        deferred, unchanged = [], []  # fresh and not read yet / no gradient this micro-batch
         for p in params:
             i = self.index[p]
             verdict = cap.verdict(i, p.grad, acc.seen.get(i) if i in kept else None)
             if verdict == "hooked" and i in cap.norms and (
                     i in kept and cap.norms[i] or i not in kept and cap.before.get(i) is None):
-                hooked.append(i)
+                (deferred if cap.norms[i] is None else hooked).append(i)
             elif verdict == "unchanged":
-                continue  # no gradient this micro-batch: 0, and |.grad|² as it was
+                unchanged.append(i)  # no gradient this micro-batch: 0, and |.grad|² as it was
             elif i in kept:  # nothing exact to measure it from
                 cap.close()
                 self._capture = None
                 self._hooks_failed, self._hooks_trusted, acc.broken = True, False, True
                 _warn_hooks_failed()
-                return None
+                return None, None
             else:
                 direct.append(i)  # first seen in this accumulation: its whole .grad is the micro-batch
         if acc.big_pt is None:
             acc.big_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        late = None
+        if acc.deferred:  # the last call's first gradients: |T|² now (T = .grad before g)
+            late = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+            hooked_set, unchanged_set = set(hooked), set(unchanged)
+            from_hooks = [i for i in acc.deferred if i in hooked_set and i in kept]
+            still = [i for i in acc.deferred if i in unchanged_set and i in kept]
+            # anything else was reset since (it is no longer in seen): measured afresh or not at all
+            if from_hooks:
+                _, _, tt = cap.gathered(len(self.params), self.device)
+                mask = self._mask_of(from_hooks)
+                late = torch.where(mask, tt, late)
+                acc.big_pt = torch.where(mask, tt, acc.big_pt)
+            if still:  # no second gradient: .grad is still the first one
+                sq = self._direct_sq(still)
+                idx = self._index_of(still)
+                late.index_copy_(0, idx, sq[idx])
+                acc.big_pt.index_copy_(0, idx, sq[idx])
+        acc.deferred = tuple(deferred)
         if hooked:
-            a, d = cap.gathered(len(self.params), self.device)
+            a, d, _ = cap.gathered(len(self.params), self.device)
             micro = torch.where(self._mask_of(hooked), a, 0.0)
             continuing = self._mask_of([i for i in hooked if i in kept])
             fresh = self._mask_of([i for i in hooked if i not in kept])
@@ -749,14 +790,17 @@ class StatisticsTracker:
         else:
             micro = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
         if direct:
-            norms, positions = squared_norms_at([self.params[i].grad for i in direct], direct)
-            sq, _ = self.per_tensor(norms, positions)
-            sq = sq.double()
-            idx = self._index_of(positions)
+            sq = self._direct_sq(direct)
+            idx = self._index_of(direct)
             acc.big_pt.index_copy_(0, idx, sq[idx])
             micro.index_copy_(0, idx, sq[idx])
         cap.clear()
-        return micro
+        return micro, late
+
+    def _direct_sq(self, positions: list[int]) -> Tensor:
+        """|.grad|² now of the given positions, as an fp64 vector over all positions."""
+        norms, at = squared_norms_at([self.params[i].grad for i in positions], positions)
+        return self.per_tensor(norms, at)[0].double()
 
     @torch.compiler.disable
     def _big_from_hooks(self, acc: _Accumulation, seen: list[int]):
@@ -791,6 +835,8 @@ class StatisticsTracker:
         acc = self._accumulation
         if acc is None or acc.count < 2 or self.estimator is None:
             return None  # one micro-batch: both norms are of the same gradient
+        if acc.deferred:  # first gradients after the first call (a copied optimizer): never read
+            return None
         k = acc.count
         sizes = acc.batch_sizes
         if sizes[0] is None:
@@ -840,12 +886,18 @@ class _MicroBatchCapture:
     """Each micro-batch's gradient as autograd hands it to ``.grad``, measured on arrival.
 
     A tensor hook on each parameter sees the gradient g of one backward before autograd adds
-    it into ``.grad`` T (AccumulateGrad); with ``compute`` on it takes |g|² and g·T then,
+    it into ``.grad`` T (AccumulateGrad); with ``compute`` on it takes |g|², g·T and |T|² then,
     while g is fresh (so |T + g|² = |T|² + 2 g·T + |g|² needs no snapshot). A post-accumulate
     hook records which tensor ``.grad`` is afterwards and its version, so a later call can tell
     whether anything else wrote ``.grad`` in between (:meth:`verdict`). Between two
     ``accumulate_grad()`` calls each parameter's gradient must arrive once, through autograd;
     anything else is "unknown" and measured otherwise.
+
+    What it costs: a first micro-batch's gradient (no T yet, ``defer_fresh``) is not read at
+    all (its |g|² is the next arrival's |T|²); a later one is added into T by the hook itself,
+    in the same pass that takes the sums (:func:`_added_here`), so no pass over memory is added
+    to autograd's own. Where that is not safe the sums are taken in one read of g and T, and
+    AccumulateGrad adds as usual.
     """
 
     def __init__(self, params: list[Tensor], compute: bool = False, arrival=None, active: bool = True):
@@ -854,9 +906,12 @@ class _MicroBatchCapture:
         self.active = active  # False: the hooks do nothing (a step accumulate_grad does not measure)
         # The op or its twin (fused=False), as the optimizer asks: set by each accumulate().
         self.arrival = ops.arrival_norms_ if arrival is None else arrival
+        self.defer_fresh = True  # the next micro-batch is the first of an accumulation
         self.handles = []
-        # The hooks write (|g|², g·T) straight into one (n, 2) buffer per (device, compute dtype),
-        # a 2-element row per parameter, so a call reads them with a few ops whatever the count.
+        self.pre_ids: dict[int, int] = {}  # position -> its tensor hook's id (is it the last one?)
+        self.nodes: dict[int, object] = {}  # position -> its AccumulateGrad node (will it run?)
+        # The hooks write (|g|², g·T, |T|²) straight into one (n, 3) buffer per (device, compute
+        # dtype), a row per parameter, so a call reads them with a few ops whatever the count.
         self.groups: dict = {}  # (device, dtype) -> [positions, (n, 2) buffer]
         self.slots: dict[int, Tensor] = {}  # position -> its row of the buffer
         for i, p in enumerate(self.params):
@@ -864,7 +919,7 @@ class _MicroBatchCapture:
             group = self.groups.setdefault((p.device, dtype), [[], None])
             group[0].append(i)
         for (device, dtype), group in self.groups.items():
-            group[1] = torch.zeros(len(group[0]), 2, dtype=dtype, device=device)
+            group[1] = torch.zeros(len(group[0]), 3, dtype=dtype, device=device)
             for row, i in enumerate(group[0]):
                 self.slots[i] = group[1][row]
         me = weakref.ref(self)
@@ -875,6 +930,8 @@ class _MicroBatchCapture:
                 # Unserializable: a pickled model comes back without them (the optimizer's copy re-hooks).
                 pre, post = functools.partial(_on_gradient, me, i), functools.partial(_after_gradient, me, i)
                 self.handles.append(p.register_hook(torch.utils.hooks.unserializable_hook(pre)))
+                self.pre_ids[i] = self.handles[-1].id
+                self.nodes[i] = _accumulate_grad_node(p)
                 self.handles.append(p.register_post_accumulate_grad_hook(torch.utils.hooks.unserializable_hook(post)))
         self.clear()
 
@@ -882,7 +939,8 @@ class _MicroBatchCapture:
         self.fired: dict[int, int] = {}  # position -> gradients handed to .grad since the last call
         self.before: dict[int, tuple | None] = {}  # position -> (ref, version) of .grad when one arrived
         self.after: dict[int, tuple] = {}  # position -> (ref, version) of .grad once it was added
-        self.norms: dict[int, bool] = {}  # position -> whether g·T was taken (its slots are this micro-batch's)
+        # position -> whether g·T was taken (its row is this micro-batch's); None: not read (deferred)
+        self.norms: dict[int, bool | None] = {}
 
     def close(self) -> None:
         for h in self.handles:
@@ -894,7 +952,9 @@ class _MicroBatchCapture:
 
     def __deepcopy__(self, memo):
         # The copy hooks the copied parameters (those of a deep-copied model and optimizer).
-        return _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute, self.arrival, self.active)
+        new = _MicroBatchCapture(copy.deepcopy(self.params, memo), self.compute, self.arrival, self.active)
+        new.defer_fresh = self.defer_fresh
+        return new
 
     def __reduce__(self):
         return _MicroBatchCapture, (self.params, self.compute, self.arrival, self.active)
@@ -914,18 +974,18 @@ class _MicroBatchCapture:
                 return "hooked"
         return "unknown"
 
-    def gathered(self, n: int, device) -> tuple[Tensor, Tensor]:
-        """The |g|² and g·T buffers as fp64 vectors over all ``n`` positions on ``device``
+    def gathered(self, n: int, device) -> tuple[Tensor, Tensor, Tensor]:
+        """The |g|², g·T and |T|² buffers as fp64 vectors over all ``n`` positions on ``device``
         (stale where no gradient arrived this micro-batch: the caller masks them)."""
         if len(self.groups) == 1:
             (positions, buf), = self.groups.values()
             if len(positions) == n:
                 buf = buf.to(device, torch.float64)
-                return buf[:, 0], buf[:, 1]
-        out = torch.zeros(n, 2, dtype=torch.float64, device=device)
+                return buf[:, 0], buf[:, 1], buf[:, 2]
+        out = torch.zeros(n, 3, dtype=torch.float64, device=device)
         for positions, buf in self.groups.values():
             out.index_copy_(0, torch.tensor(positions, device=device), buf.to(device, torch.float64))
-        return out[:, 0], out[:, 1]
+        return out[:, 0], out[:, 1], out[:, 2]
 
 
 def _same(record: tuple | None, grad: Tensor | None) -> bool:
@@ -949,38 +1009,127 @@ def _outside_dynamo(fn):
 
 
 @_outside_dynamo
-def _on_gradient(capture_ref, i: int, grad: Tensor) -> None:
+def _on_gradient(capture_ref, i: int, grad: Tensor):
     cap = capture_ref()
-    if cap is None or not cap.active:
-        return
+    if cap is None or not cap.active or not _adds_into_grad(cap.nodes.get(i)):
+        return None
     n = cap.fired.get(i, 0)
     cap.fired[i] = n + 1
     if n:
-        return  # a second gradient in one micro-batch: the call measures it otherwise
-    old = cap.params[i].grad
+        return None  # a second gradient in one micro-batch: the call measures it otherwise
+    param = cap.params[i]
+    old = param.grad
     cap.before[i] = None if old is None else (weakref.ref(old), old._version)
-    if cap.compute and not grad.is_sparse and (old is None or not old.is_sparse):
-        # (|g|², g·T) in one read of each (fastscale::arrival_norms_), complex as (re, im)
-        # pairs; detached, so a create_graph backward records nothing.
-        g = grad.detach()
-        g = torch.view_as_real(g) if g.is_complex() else g
-        t = None
-        if old is not None:
-            t = old.detach()
-            t = torch.view_as_real(t) if t.is_complex() else t
-        slot = cap.slots[i]
-        try:
-            if slot.device == g.device:
-                cap.arrival(slot, g, t)
-            else:  # the model moved since the hooks were made
-                here = torch.empty(2, dtype=slot.dtype, device=g.device)
-                cap.arrival(here, g, t)
-                slot.copy_(here)
-        except RuntimeError:
-            # A hook must not break the user's backward (a gradient the op refuses): this
-            # parameter stays unmeasured, which the call then handles as an edited gradient.
-            return
-        cap.norms[i] = old is not None
+    if not cap.compute or grad.is_sparse or (old is not None and old.is_sparse):
+        return None
+    if old is None and cap.defer_fresh:
+        cap.norms[i] = None  # not read: its |g|² is |.grad|² at the next arrival
+        return None
+    hooks = param._backward_hooks
+    if not hooks or next(reversed(hooks)) != cap.pre_ids.get(i):
+        # A tensor hook registered after this one may change g: what reaches .grad is not
+        # what is seen here. Left unmeasured, which the call handles as an edited gradient.
+        return None
+    # (|g|², g·T, |T|²) in one read of each (fastscale::arrival_norms_), complex as (re, im)
+    # pairs; detached, so a create_graph backward records nothing.
+    add = old is not None and _can_add_here(grad, old)
+    g = grad.detach() if grad.requires_grad else grad  # (a new tensor object costs µs)
+    g = torch.view_as_real(g) if g.is_complex() else g
+    t = None
+    if old is not None:
+        t = old.detach() if old.requires_grad else old
+        t = torch.view_as_real(t) if t.is_complex() else t
+    slot = cap.slots[i]
+    try:
+        if slot.device == g.device:
+            cap.arrival(slot, g, t, add=add)
+        else:  # the model moved since the hooks were made
+            here = torch.empty(3, dtype=slot.dtype, device=g.device)
+            cap.arrival(here, g, t, add=add)
+            slot.copy_(here)
+    except RuntimeError:
+        # A hook must not break the user's backward (a gradient the op refuses): this
+        # parameter stays unmeasured, which the call then handles as an edited gradient. The
+        # op validates before writing: on an error nothing was added.
+        return None
+    cap.norms[i] = old is not None
+    return _AddedHere(grad) if add else None
+
+
+def _accumulate_grad_node(param: Tensor):
+    """The parameter's AccumulateGrad node (held, so autograd keeps using this one), or None."""
+    try:
+        with torch.enable_grad():
+            return param.view_as(param).grad_fn.next_functions[0][0]
+    except (RuntimeError, AttributeError, IndexError):  # inference mode, an exotic parameter
+        return None
+
+
+def _adds_into_grad(node) -> bool:
+    """Whether the running backward will add this gradient into ``.grad``: not under
+    ``torch.autograd.grad()``, whose gradients go back to the caller (its tensor hooks run all
+    the same). Without the node (or the query, another torch): assumed, as before it existed."""
+    if node is None or _will_execute is None:
+        return True
+    try:
+        return _will_execute(node)
+    except RuntimeError:  # "...currently running autograd.grad()": asked of a leaf's node
+        return False
+
+
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+
+
+# Below this many elements the two reads the fused add saves cost less than its Python.
+_ADD_HERE_MIN_NUMEL = 1 << 15
+
+
+def _can_add_here(grad: Tensor, old: Tensor) -> bool:
+    """Whether the hook (the parameter's last tensor hook) may do AccumulateGrad's
+    ``.grad += g`` itself, in the pass that takes the sums, handing autograd an
+    :class:`_AddedHere` in place of g: only where AccumulateGrad would add in place (no grad
+    mode, dense tensors of one dtype) and no compiled autograd traces the hooks."""
+    if grad.numel() < _ADD_HERE_MIN_NUMEL or torch.is_grad_enabled():
+        return False
+    if type(grad) is not torch.Tensor or type(old) is not torch.Tensor or old.requires_grad:
+        return False
+    if grad.dtype != old.dtype or grad.is_complex() or grad.layout != torch.strided or old.layout != torch.strided:
+        return False
+    if grad.shape != old.shape or grad.device != old.device:
+        return False
+    return _will_execute is not None and not _in_compiled_autograd()
+
+
+def _in_compiled_autograd() -> bool:
+    ca = getattr(getattr(torch, "_dynamo", None), "compiled_autograd", None)
+    return bool(ca is not None and (ca.in_compiled_autograd_region or ca.compiled_autograd_enabled))
+
+
+class _AddedHere(Tensor):
+    """What the hook hands AccumulateGrad after adding the gradient into ``.grad`` itself: a
+    storage-less stand-in of g's shape, dtype and device whose only operation is being added
+    into ``.grad`` (``grad += this``: nothing to do). Anything else that reaches it would see a
+    gradient already counted: it fails loudly rather than count it twice."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, like: Tensor):
+        return Tensor._make_wrapper_subclass(cls, like.shape, strides=like.stride(), dtype=like.dtype,
+                                             device=like.device)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func in (torch.ops.aten.add_.Tensor, torch.ops.aten.add.Tensor) and len(args) == 2
+                and type(args[0]) is not cls and type(args[1]) is cls and kwargs.get("alpha", 1) == 1):
+            # AccumulateGrad's .grad += g (in place), or .grad + g where it cannot be in place
+            return args[0] if func is torch.ops.aten.add_.Tensor else args[0].clone()
+        raise RuntimeError(
+            f"fastscale: {func} on a gradient that fastscale's accumulation hook already added into "
+            ".grad: a pre-hook on the parameter's AccumulateGrad node (those run after every tensor "
+            "hook) used it. Register it with param.register_hook() before building the optimizer "
+            "instead: tensor hooks registered before fastscale's see the gradient itself")
 
 
 @_outside_dynamo
@@ -999,7 +1148,8 @@ def _warn_hooks_failed() -> None:
         _hooks_warned = True
         warnings.warn(
             "fastscale: accumulate_grad() found a gradient that did not arrive through autograd since the "
-            "last call (edited by hand, or two backward passes in one micro-batch): this step gives no "
+            "last call (edited by hand, two backward passes in one micro-batch, or changed by a tensor hook "
+            "registered after the optimizer's first accumulate_grad()): this step gives no "
             "noise-scale measurement, and later ones are measured from snapshots of .grad", stacklevel=4)
 
 

@@ -31,7 +31,7 @@ _lib.define(
     "accumulate_grad_(Tensor(a!)[] snapshots, Tensor[] grads, *, bool first) -> Tensor"
 )
 
-_lib.define("arrival_norms_(Tensor(a!) out, Tensor grad, Tensor? accumulated) -> ()")
+_lib.define("arrival_norms_(Tensor(a!) out, Tensor grad, Tensor(b!)? accumulated, *, bool add=False) -> ()")
 
 _lib.impl("fused_sgd_", reference.fused_sgd_, "CompositeExplicitAutograd")
 _lib.impl("accumulate_grad_", reference.accumulate_grad_, "CompositeExplicitAutograd")
@@ -51,7 +51,7 @@ def _accumulate_grad_fake(snapshots, grads, **_):
 
 
 @torch.library.register_fake("fastscale::arrival_norms_")
-def _arrival_norms_fake(out, grad, accumulated):
+def _arrival_norms_fake(out, grad, accumulated, *, add=False):
     return None
 
 
@@ -65,9 +65,9 @@ def accumulate_grad_(snapshots, grads, **kwargs) -> Tensor:
     return torch.ops.fastscale.accumulate_grad_(snapshots, grads, **kwargs)
 
 
-def arrival_norms_(out, grad, accumulated) -> None:
+def arrival_norms_(out, grad, accumulated, *, add=False) -> None:
     """``torch.ops.fastscale.arrival_norms_``; see :func:`fastscale.reference.arrival_norms_`."""
-    torch.ops.fastscale.arrival_norms_(out, grad, accumulated)
+    torch.ops.fastscale.arrival_norms_(out, grad, accumulated, add=add)
 
 
 # DTensors (FSDP2, tensor parallelism): every op runs on the local shards and returns local

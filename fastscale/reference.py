@@ -130,20 +130,30 @@ def accumulate_grad_(snapshots: list[Tensor], grads: list[Tensor], *, first: boo
     return norms
 
 
-def arrival_norms_(out: Tensor, grad: Tensor, accumulated: Tensor | None) -> None:
+def arrival_norms_(out: Tensor, grad: Tensor, accumulated: Tensor | None, *, add: bool = False) -> None:
     r"""One micro-batch's gradient ``grad`` as autograd hands it to ``.grad``, whose value
     before it is added is ``accumulated`` (None: no ``.grad`` yet)::
 
         out[0] <- sum(g²)      (this micro-batch's squared norm)
         out[1] <- sum(g · t)   (the cross term: |t + g|² = |t|² + 2 g·t + |g|²; 0 without t)
+        out[2] <- sum(t²)      (.grad before g: the previous micro-batches; 0 without t)
+        t <- t + g             (only with ``add``: AccumulateGrad's own ``.grad += g``)
 
     Computed in fp32 (fp64 for fp64) while g is fresh, so no snapshot of ``.grad`` is kept;
-    ``out`` is a 2-element fp32 or fp64 tensor on grad's device. Nothing else is written.
+    ``out`` is a 3-element fp32 or fp64 tensor on grad's device. With ``add`` the sum is
+    rounded once into t's dtype, bit for bit what ``t += g`` stores; the norms are of t before.
     """
+    if accumulated is not None and accumulated.shape != grad.shape:
+        raise ValueError(f"fastscale: accumulated has shape {tuple(accumulated.shape)}, grad {tuple(grad.shape)}")
     g = _compute_views([grad])[0].reshape(-1)
     gg = torch.dot(g, g)
     if accumulated is None:
-        gt = torch.zeros_like(gg)
-    else:
-        gt = torch.dot(g, _compute_views([accumulated])[0].reshape(-1))
-    out.copy_(torch.stack([gg, gt]))
+        if add:
+            raise ValueError("fastscale: arrival_norms_ with add=True needs accumulated")
+        zero = torch.zeros_like(gg)
+        out.copy_(torch.stack([gg, zero, zero]))
+        return
+    t = _compute_views([accumulated])[0].reshape(-1)
+    out.copy_(torch.stack([gg, torch.dot(g, t), torch.dot(t, t)]))
+    if add:
+        accumulated.add_(grad)

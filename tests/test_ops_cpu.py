@@ -305,70 +305,89 @@ def test_accumulate_empty_list():
     assert norms.shape == (0,) and norms.dtype == torch.float32
 
 
-# ---- arrival_norms_: (|g|², g·t) of a gradient arriving at .grad, one read of each
+# ---- arrival_norms_: (|g|², g·t, |t|²) of a gradient arriving at .grad, one read of each;
+# with add=True also t += g in the same pass, bit for bit what torch's `t += g` stores.
 
 ARRIVAL_SHAPES = SMALL_SHAPES + [(3 * CHUNK + 5,), (300, 700)]
 
 
 @pytest.mark.parametrize("shape", ARRIVAL_SHAPES, ids=str)
-@pytest.mark.parametrize("cross", [True, False], ids=["cross", "first"])
+@pytest.mark.parametrize("mode", ["add", "cross", "first"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_arrival_norms(dtype, cross, shape):
+def test_arrival_norms(dtype, mode, shape):
     g, t = rand([shape, shape], dtype)
     g0, t0 = g.clone(), t.clone()
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    out = torch.full((2,), float("nan"), dtype=out_dtype)
-    ref = torch.full((2,), float("nan"), dtype=out_dtype)
-    torch.ops.fastscale.arrival_norms_(out, g, t if cross else None)
-    reference.arrival_norms_(ref, g, t if cross else None)
+    out = torch.full((3,), float("nan"), dtype=out_dtype)
+    ref = torch.full((3,), float("nan"), dtype=out_dtype)
+    acc, ref_acc = (t.clone(), t.clone()) if mode != "first" else (None, None)
+    torch.ops.fastscale.arrival_norms_(out, g, acc, add=mode == "add")
+    reference.arrival_norms_(ref, g, ref_acc, add=mode == "add")
     # g·t has no scale of its own (it can be near 0): its rounding is relative to |g||t|.
     scale = (g.double().square().sum() * t.double().square().sum()).sqrt().item()
     torch.testing.assert_close(out[0], ref[0], **NORM_TOL[dtype])
     torch.testing.assert_close(out[1], ref[1], rtol=0, atol=NORM_TOL[dtype]["rtol"] * scale + 1e-30)
-    if not cross:
-        assert out[1].item() == 0.0
-    assert torch.equal(g, g0) and torch.equal(t, t0), "the gradients are only read"
+    assert torch.equal(g, g0), "the gradient is only read"
+    if mode == "first":
+        assert out[1].item() == 0.0 and out[2].item() == 0.0
+        return
+    torch.testing.assert_close(out[2], ref[2], **NORM_TOL[dtype])
+    torch.testing.assert_close(out[2].double(), t0.double().square().sum().to(out.dtype).double(), **NORM_TOL[dtype])
+    if mode == "add":  # the sum is the one torch's AccumulateGrad stores, to the bit
+        expected = t0.clone()
+        expected += g
+        assert torch.equal(acc, expected) and torch.equal(ref_acc, expected)
+    else:
+        assert torch.equal(acc, t0), "without add, .grad is only read"
 
 
+@pytest.mark.parametrize("add", [False, True], ids=["read", "add"])
 @pytest.mark.parametrize("layout", ["transposed", "strided_slice", "contiguous"])
-def test_arrival_norms_layouts(layout):
+def test_arrival_norms_layouts(layout, add):
     make = layouts(torch.float32)
     g, t = make[layout](), make["strided_slice"]()
-    out, ref = torch.zeros(2), torch.zeros(2)
-    torch.ops.fastscale.arrival_norms_(out, g, t)
-    reference.arrival_norms_(ref, g, t)
-    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5 * g.norm().item() * t.norm().item())
+    t_ref, t0, strides = t.clone(), t.clone(), t.stride()
+    out, ref = torch.zeros(3), torch.zeros(3)
+    torch.ops.fastscale.arrival_norms_(out, g, t, add=add)
+    reference.arrival_norms_(ref, g, t_ref, add=add)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5 * g.norm().item() * t0.norm().item())
+    expected = t0 + g if add else t0
+    assert torch.equal(t, expected) and t.stride() == strides, "written through its own strides"
 
 
 def test_arrival_norms_writes_a_row_of_a_larger_buffer():
-    buf = torch.randn(4, 2, dtype=torch.float64)
+    buf = torch.randn(4, 3, dtype=torch.float64)
     before = buf.clone()
     g, t = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
     torch.ops.fastscale.arrival_norms_(buf[2], g, t)
-    torch.testing.assert_close(buf[2], torch.stack([g.dot(g), g.dot(t)]))
+    torch.testing.assert_close(buf[2], torch.stack([g.dot(g), g.dot(t), t.dot(t)]))
     assert torch.equal(buf[[0, 1, 3]], before[[0, 1, 3]])
 
 
 def test_arrival_norms_errors():
     g = torch.randn(3)
     cases = [
-        ((torch.zeros(3), g, None), r"out must be a contiguous dense tensor of 2 elements"),
-        ((torch.zeros(2, dtype=torch.float16), g, None), r"out has dtype Half; it must be float32 or float64"),
-        ((torch.zeros(2), g, torch.randn(3, dtype=torch.float64)), r"accumulated\[0\] has dtype Double but grad has Float"),
-        ((torch.zeros(2), g, torch.randn(4)), r"accumulated\[0\] has shape \[4\] but its counterpart has shape \[3\]"),
-        ((torch.zeros(2), torch.ones(3, dtype=torch.int32), None), r"grad\[0\] has dtype Int; supported are"),
+        ((torch.zeros(2), g, None), {}, r"out must be a contiguous dense tensor of 3 elements"),
+        ((torch.zeros(3, dtype=torch.float16), g, None), {}, r"out has dtype Half; it must be float32 or float64"),
+        ((torch.zeros(3), g, torch.randn(3, dtype=torch.float64)), {}, r"accumulated\[0\] has dtype Double but grad has Float"),
+        ((torch.zeros(3), g, torch.randn(4)), {"add": True}, r"accumulated\[0\] has shape \[4\] but its counterpart has shape \[3\]"),
+        ((torch.zeros(3), torch.ones(3, dtype=torch.int32), None), {}, r"grad\[0\] has dtype Int; supported are"),
+        ((torch.zeros(3), g, None), {"add": True}, r"add=True needs accumulated"),
+        ((torch.zeros(3), g, torch.zeros(1).expand(3)), {"add": True}, r"accumulated\[0\] has overlapping memory"),
     ]
-    for args, message in cases:
-        out_before = args[0].clone()
+    for args, kwargs, message in cases:
+        before = [a.clone() if a is not None else None for a in args]
         with pytest.raises(RuntimeError, match=message):
-            torch.ops.fastscale.arrival_norms_(*args)
-        assert torch.equal(args[0], out_before), "a failed call writes nothing"
+            torch.ops.fastscale.arrival_norms_(*args, **kwargs)
+        for a, b in zip(args, before):
+            assert a is None or torch.equal(a, b), "a failed call writes nothing"
 
 
-@pytest.mark.parametrize("cross", [True, False], ids=["cross", "first"])
-def test_opcheck_arrival_norms(cross):
+@pytest.mark.parametrize("mode", ["add", "cross", "first"])
+def test_opcheck_arrival_norms(mode):
     g, t = rand([(70, 300), (70, 300)], torch.float32)
-    torch.library.opcheck(torch.ops.fastscale.arrival_norms_.default, (torch.zeros(2), g, t if cross else None))
+    torch.library.opcheck(torch.ops.fastscale.arrival_norms_.default, (torch.zeros(3), g, None if mode == "first" else t),
+                          {"add": mode == "add"})
 
 
 # ---- determinism: the reduction must not depend on the number of threads.
@@ -386,8 +405,8 @@ def test_norms_independent_of_thread_count(dtype):
             p, b = clones(params), clones(bufs)
             n = torch.ops.fastscale.fused_sgd_(p, grads, b, **kw)
             a = torch.ops.fastscale.accumulate_grad_(clones(bufs), grads, first=False)
-            arrival = torch.zeros(2, dtype=torch.float64)
-            torch.ops.fastscale.arrival_norms_(arrival, grads[0], bufs[0])
+            arrival = torch.zeros(3, dtype=torch.float64)
+            torch.ops.fastscale.arrival_norms_(arrival, grads[0], clones(bufs)[0], add=True)
             outs.append((n, torch.cat([a.double(), arrival]), p, b))
     finally:
         torch.set_num_threads(old)

@@ -320,16 +320,38 @@ def assert_same_figures(opt, ref, rtol):
         torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.fixture(params=["add_here", "read"])
+def add_here(request, monkeypatch):
+    """The hooks add each later micro-batch's gradient into .grad themselves (every tensor, as
+    large ones do), or only read it (as small ones do); yields the list of positions added."""
+    added = []
+    real = noise_scale._can_add_here
+
+    def spy(grad, old):
+        ok = real(grad, old)
+        added.append(ok)
+        return ok
+    monkeypatch.setattr(noise_scale, "_can_add_here", spy)
+    monkeypatch.setattr(noise_scale, "_ADD_HERE_MIN_NUMEL", 0 if request.param == "add_here" else 2**62)
+    yield request.param, added
+    if request.param == "add_here":
+        assert any(added), "the hooks never added a gradient themselves"
+    else:
+        assert not any(added)
+
+
 @pytest.mark.parametrize("clip", [1e-2, None], ids=["clipped", "unclipped"])
 @pytest.mark.parametrize("reset", ["opt", "model", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=["fp32", "fp64", "bf16", "fp16"])
-def test_hooked_norms_equal_the_snapshot_path(dtype, reset, clip, impl):
-    """Three micro-batches, an expert whose gradient appears late (or not at all), with or
-    without clipping before the step (|.grad|² from the hooks' cross terms either way), each
-    way of resetting: every figure equals the snapshot path's."""
+def test_hooked_norms_equal_the_snapshot_path(dtype, reset, clip, impl, add_here):
+    """Three micro-batches, an expert whose gradient appears late, early only, or not at all,
+    with or without clipping before the step (|.grad|² from the hooks' cross terms either way),
+    each way of resetting, the hooks adding the gradients themselves or not: every figure
+    equals the snapshot path's, and the models stay equal."""
     model, opt, twin, ref = hooked_and_snapshot(5, dtype, 18, impl)
-    patterns = [[True] * 3, [False, True, True], [True, False, True], [False, False, True], [False] * 3, [True] * 3]
+    patterns = [[True] * 3, [False, True, True], [True, False, True], [False, False, True], [False] * 3,
+                [True, False, False], [True] * 3]
     hooked = []
     # The snapshot kernels return squared norms rounded to fp32, the hooks in the gradient's dtype.
     # In fp16/bf16 the snapshots see .grad = T + g rounded to the storage type, the hooks g
@@ -340,8 +362,151 @@ def test_hooked_norms_equal_the_snapshot_path(dtype, reset, clip, impl):
         hooked.append(loop_step(model, opt, batches, dtype, reset, clip=clip))
         assert not loop_step(twin, ref, batches, dtype, reset, clip=clip)
         assert_same_figures(opt, ref, rtol)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p, q), "the gradients added by the hooks are AccumulateGrad's, to the bit"
     assert hooked == [False] + [True] * (len(patterns) - 1)
     assert all(snap is None for snap in opt.statistics.snapshots)  # no parameter-sized buffer kept
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(48, 96), nn.Linear(96, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def wide_step(model, opt, k, seed, accumulate=True, hook_grads=None, create_graph=False):
+    """k micro-batches into .grad (no step); ``hook_grads(model, i)`` after each backward."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    for i in range(k):
+        x = torch.randn(5, 48, generator=gen).to(dtype)
+        model(x).square().mean().backward(create_graph=create_graph)
+        if hook_grads is not None:
+            hook_grads(model, i)
+        if accumulate:
+            opt.accumulate_grad(loss_scale=1 / k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_gradients_the_hooks_add_are_torchs_own(dtype, impl, monkeypatch):
+    """Where the hooks add a micro-batch's gradient into .grad themselves, .grad is what
+    AccumulateGrad would have stored, to the bit, in the same tensor (the same Python object,
+    as torch keeps it), and the first micro-batch's gradients are not read at all."""
+    monkeypatch.setattr(noise_scale, "_ADD_HERE_MIN_NUMEL", 1000)  # a.weight, b.weight; not the biases
+    calls = []
+    for ops in (noise_scale.ops.dispatched, noise_scale.ops.pure_torch):
+        monkeypatch.setattr(ops, "arrival_norms_",
+                            lambda out, g, t, f=ops.arrival_norms_, add=False: (calls.append((g.numel(), add)), f(out, g, t, add=add))[1])
+    torch.manual_seed(0)
+    model = Wide().to(dtype)
+    plain = copy.deepcopy(model)
+    opt = FusedScaledSGD(model.parameters(), lr=0.1, momentum=0.9, batch_size=15, noise_scale=EXACT, **impl)
+    for step in range(3):
+        opt.zero_grad()
+        plain.zero_grad()
+        calls.clear()
+        held = {}
+
+        def same_objects(m, i, held=held):
+            for name, p in m.named_parameters():
+                if i == 0:
+                    held[name] = p.grad
+                assert p.grad is held[name], "AccumulateGrad keeps .grad the same tensor"
+        wide_step(model, opt, 3, seed=step, hook_grads=same_objects)
+        wide_step(plain, None, 3, seed=step, accumulate=False)
+        for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+        if step > 0:  # hooked from the second step: micro-batch 0 unread, 1 and 2 read once each
+            assert sorted(calls) == sorted([(48 * 96, True), (96, False), (96 * 8, False), (8, False)] * 2)
+        opt.step()
+        with torch.no_grad():
+            for p in plain.parameters():
+                p.copy_(model.state_dict()[[n for n, q in plain.named_parameters() if q is p][0]])
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_a_hook_registered_later_turns_the_added_gradient_back_into_autograds(impl, monkeypatch):
+    """A tensor hook the user registers after fastscale's sees (and may change) the gradient
+    itself: that step is not measured (a warning), .grad is torch's; create_graph backwards
+    add as torch does."""
+    monkeypatch.setattr(noise_scale, "_ADD_HERE_MIN_NUMEL", 0)
+    monkeypatch.setattr(noise_scale, "_hooks_warned", False)
+    torch.manual_seed(1)
+    model = Wide().double()
+    plain = copy.deepcopy(model)
+    opt = FusedScaledSGD(model.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
+    for step in range(2):
+        opt.zero_grad()
+        wide_step(model, opt, 2, seed=step)
+        opt.step()
+    with torch.no_grad():
+        plain.load_state_dict(model.state_dict())
+    for m in (model, plain):
+        m.a.weight.register_hook(lambda g: g * 3)
+    opt.zero_grad()
+    plain.zero_grad()
+    with pytest.warns(UserWarning, match="changed by a tensor hook"):
+        wide_step(model, opt, 2, seed=5)
+    wide_step(plain, None, 2, seed=5, accumulate=False)
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    opt.zero_grad()
+    plain.zero_grad()
+    wide_step(model, opt, 2, seed=6, create_graph=True)
+    wide_step(plain, None, 2, seed=6, accumulate=False, create_graph=True)
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_autograd_grad_between_micro_batches_is_not_a_micro_batch(impl, add_here):
+    """torch.autograd.grad() runs the parameters' tensor hooks but adds nothing into .grad (a
+    gradient penalty, an input gradient): the hooks let it pass untouched, whatever it returns
+    is torch's, and every step is measured from the hooks as the snapshot path measures it."""
+    torch.manual_seed(3)
+    model = Wide().double()
+    plain = copy.deepcopy(model)
+    opt = FusedScaledSGD(model.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
+    ref = FusedScaledSGD(plain.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
+    ref.statistics._hooks_failed = True
+
+    def penalty_grads(m, i):
+        x = torch.randn(3, 48, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        return torch.autograd.grad(m(x).sum(), list(m.parameters()))
+    for step in range(4):
+        between = (lambda m, i: penalty_grads(m, i)) if step >= 2 else None  # once the hooks measure
+        for m, o in ((model, opt), (plain, ref)):
+            o.zero_grad()
+            wide_step(m, o, 2, seed=step, hook_grads=between)
+        if between is not None:
+            for got, want in zip(penalty_grads(model, 9), penalty_grads(plain, 9), strict=True):
+                assert type(got) is torch.Tensor and torch.equal(got, want)
+        for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+        assert opt.statistics._accumulation.hooks == (step > 0)
+        opt.step()
+        ref.step()
+        assert_same_figures(opt, ref, 1e-6)
+
+
+def test_an_accumulate_grad_pre_hook_fails_loudly(impl, monkeypatch):
+    """A pre-hook on the AccumulateGrad node runs after every tensor hook: it would get a
+    gradient already added. It raises, naming the way out, rather than count it twice."""
+    monkeypatch.setattr(noise_scale, "_ADD_HERE_MIN_NUMEL", 0)
+    torch.manual_seed(2)
+    model = Wide().double()
+    opt = FusedScaledSGD(model.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
+    for step in range(2):
+        opt.zero_grad()
+        wide_step(model, opt, 2, seed=step)
+        opt.step()
+    node = model.a.weight.view_as(model.a.weight).grad_fn.next_functions[0][0]
+    node.register_prehook(lambda grads: (grads[0] * 1.0,))
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="already added into .grad.*register_hook"):
+        wide_step(model, opt, 2, seed=3)
 
 
 def two_backwards(model, i, x, y, expert):
@@ -398,7 +563,7 @@ def test_a_gradient_the_hooks_cannot_account_for(edit, monkeypatch, impl):
 def test_a_gradient_the_op_refuses_costs_a_measurement_not_the_backward(monkeypatch, impl):
     """The hooks' op raising inside autograd (a gradient it cannot take) must not break the
     backward: that parameter is left unmeasured, which the call handles as above."""
-    def refuse(out, grad, accumulated):
+    def refuse(out, grad, accumulated, add=False):
         raise RuntimeError("fastscale: refused")
 
     def refusing(opt):
@@ -448,7 +613,7 @@ def test_measure_every_measures_one_step_in_n(every, monkeypatch, impl):
     phase, so a loaded copy measures the same steps as the original."""
     reads = []
     for ops in (noise_scale.ops.dispatched, noise_scale.ops.pure_torch):
-        monkeypatch.setattr(ops, "arrival_norms_", lambda *a, f=ops.arrival_norms_: (reads.append(1), f(*a))[1])
+        monkeypatch.setattr(ops, "arrival_norms_", lambda *a, f=ops.arrival_norms_, **k: (reads.append(1), f(*a, **k))[1])
     torch.manual_seed(7)
     model = Net().double()
     twin = copy.deepcopy(model)
@@ -466,10 +631,18 @@ def test_measure_every_measures_one_step_in_n(every, monkeypatch, impl):
                                     noise_scale=NoiseScaleConfig(**config, measure_every=every), **impl)
             loaded.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch's load shares the buffers
         reads.clear()
-        loop_step(model, opt, batches, torch.float64)
+        fired = []
+
+        def watch(model, i, *_):  # before micro-batch i's backward: what the hooks did since
+            if i > 0 and opt.statistics._capture is not None:
+                fired.append(len(opt.statistics._capture.fired))
+            return False
+        loop_step(model, opt, batches, torch.float64, edit=watch)
         # the hooks read gradients on measured steps only (from step 0's third micro-batch on,
-        # once trusted)
+        # once trusted), and on the others return at once
         assert bool(reads) == (step % every == 0), (step, len(reads))
+        if step % every:
+            assert not any(fired), (step, fired)
         loop_step(twin, ref, batches, torch.float64, accumulate=step % every == 0)
         if copied is not None:
             loop_step(copied, loaded, batches, torch.float64)

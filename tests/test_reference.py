@@ -72,20 +72,33 @@ def test_accumulate_reference_takes_micro_batch_norms():
 
 
 def test_arrival_reference_gives_the_micro_batch_norm_and_the_cross_term():
-    # |T + g|² = |T|² + 2 g·T + |g|²: what the hooks build |.grad|² from, micro-batch by micro-batch.
+    # |T + g|² = |T|² + 2 g·T + |g|²: what the hooks build |.grad|² from, micro-batch by
+    # micro-batch; |T|² (the third sum) is the sum of the micro-batches so far. With add=True
+    # the op is also AccumulateGrad's T += g.
     micro = [torch.randn(6, 4, dtype=torch.float64) for _ in range(3)]
-    total, big = None, 0.0
+    total, added, big = None, None, 0.0
     for g in micro:
-        out = torch.full((2,), float("nan"), dtype=torch.float64)
+        out = torch.full((3,), float("nan"), dtype=torch.float64)
         reference.arrival_norms_(out, g, total)
         torch.testing.assert_close(out[0], g.square().sum())
+        if total is not None:
+            torch.testing.assert_close(out[2], total.square().sum())
+            again = torch.full((3,), float("nan"), dtype=torch.float64)
+            reference.arrival_norms_(again, g, added, add=True)
+            assert torch.equal(again, out)
         big = out[0] if total is None else big + 2 * out[1] + out[0]
         total = g.clone() if total is None else total + g
+        added = g.clone() if added is None else added
+        assert torch.equal(added, total)
         torch.testing.assert_close(big, total.square().sum())
     half = torch.randn(9, dtype=torch.float16)  # low precision: computed in fp32
-    out = torch.zeros(2)
+    out = torch.zeros(3)
     reference.arrival_norms_(out, half, half)
-    torch.testing.assert_close(out, half.float().square().sum().repeat(2))
+    torch.testing.assert_close(out, half.float().square().sum().repeat(3))
+    for args, kwargs in [((torch.zeros(3), half, None), {"add": True}), ((torch.zeros(3), half, half[:4]), {})]:
+        with pytest.raises(ValueError, match="needs accumulated|has shape"):
+            reference.arrival_norms_(*args, **kwargs)
+        assert torch.equal(args[0], torch.zeros(3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

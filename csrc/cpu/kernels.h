@@ -47,8 +47,13 @@ struct AccumulateChunk {
 
 struct ArrivalChunk {
   const void* grad;
-  const void* accumulated;  // nullptr: no .grad yet, only |g|^2
+  void* accumulated;  // nullptr: no .grad yet, only |g|^2
   int64_t numel;
+};
+
+// One chunk's partial sums of fastscale::arrival_norms_.
+struct ArrivalSums {
+  double gg = 0, gt = 0, tt = 0;
 };
 
 // Process chunks[0, n); partial[i] <- sum of squares of chunk i's (unscaled) gradient.
@@ -57,9 +62,10 @@ using SgdChunksFn = void (*)(c10::ScalarType, const SgdHyper&, const SgdChunk*, 
 // partial[i] <- sum((g - s)^2) (or sum(g^2) when first); s <- g.
 using AccumulateChunksFn = void (*)(c10::ScalarType, bool first, const AccumulateChunk*,
                                     int64_t n, double* partial);
-// gg[i] <- sum(g^2) and gt[i] <- sum(g * t) of chunk i (gt 0 when accumulated is nullptr).
-using ArrivalChunksFn = void (*)(c10::ScalarType, const ArrivalChunk*, int64_t n, double* gg,
-                                 double* gt);
+// sums[i] <- (sum(g^2), sum(g * t), sum(t^2)) of chunk i (the last two 0 when accumulated is
+// nullptr), t before the add; with add, t <- t + g in the same pass.
+using ArrivalChunksFn = void (*)(c10::ScalarType, bool add, const ArrivalChunk*, int64_t n,
+                                 ArrivalSums* sums);
 
 struct Kernels {
   SgdChunksFn sgd;

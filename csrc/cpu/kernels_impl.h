@@ -174,57 +174,69 @@ void accumulate_chunks_typed(bool first, const AccumulateChunk* chunks, int64_t 
   for (int64_t i = 0; i < n; ++i) partial[i] = accumulate_chunk<scalar_t>(first, chunks[i]);
 }
 
-// |g|^2 and g.t of one step of a chunk into the accumulators (n < kStep: a tail).
-template <typename scalar_t, bool kCross>
-inline void arrival_step(const scalar_t* grad, const scalar_t* acc, int64_t n,
-                         typename Lanes<scalar_t>::V& sgg, typename Lanes<scalar_t>::V& sgt) {
+// |g|^2, g.t and |t|^2 of one step of a chunk into the accumulators (n < kStep: a tail);
+// with kAdd, t <- t + g, rounded once into the storage type as torch's `t += g` does.
+template <typename scalar_t, bool kCross, bool kAdd>
+inline void arrival_step(const scalar_t* grad, scalar_t* acc, int64_t n,
+                         typename Lanes<scalar_t>::V& sgg, typename Lanes<scalar_t>::V& sgt,
+                         typename Lanes<scalar_t>::V& stt) {
   using L = Lanes<scalar_t>;
   typename L::V g[L::kParts], t[L::kParts];
   L::load(grad, n, g);
   if (kCross) L::load(acc, n, t);
   for (int k = 0; k < L::kParts; ++k) {
     sgg = at::vec::fmadd(g[k], g[k], sgg);
-    if (kCross) sgt = at::vec::fmadd(g[k], t[k], sgt);
+    if (kCross) {
+      sgt = at::vec::fmadd(g[k], t[k], sgt);
+      stt = at::vec::fmadd(t[k], t[k], stt);
+      if (kAdd) t[k] = t[k] + g[k];
+    }
   }
+  if (kAdd) L::store(acc, n, t);
 }
 
-// One read of g (and of t): |g|^2 and g.t in the compute type, as the reference's fp32 dots.
-// Four accumulators per sum, each its own variable: one chains every fmadd on the previous
-// one's latency, and an array of them is kept on the stack (measured: half the speed of
-// torch.dot on one core either way).
-template <typename scalar_t, bool kCross>
-void arrival_chunk(const ArrivalChunk& c, double* gg, double* gt) {
+// One read of g (and of t; one write of t with kAdd): the three sums in the compute type, as
+// the reference's fp32 dots. Four accumulators per sum, each its own variable: one chains every
+// fmadd on the previous one's latency, and an array of them is kept on the stack (measured:
+// half the speed of torch.dot on one core either way).
+template <typename scalar_t, bool kCross, bool kAdd>
+void arrival_chunk(const ArrivalChunk& c, ArrivalSums* out) {
   using L = Lanes<scalar_t>;
   using V = typename L::V;
   using op_t = typename L::op_t;
   constexpr int64_t kStep = L::kStep;
   const auto* g = static_cast<const scalar_t*>(c.grad);
-  const auto* t = static_cast<const scalar_t*>(c.accumulated);
+  auto* t = static_cast<scalar_t*>(c.accumulated);
   V gg0(op_t(0)), gg1(op_t(0)), gg2(op_t(0)), gg3(op_t(0));
   V gt0(op_t(0)), gt1(op_t(0)), gt2(op_t(0)), gt3(op_t(0));
+  V tt0(op_t(0)), tt1(op_t(0)), tt2(op_t(0)), tt3(op_t(0));
   int64_t i = 0;
   auto at = [t](int64_t i) { return kCross ? t + i : nullptr; };  // t is null unless kCross
   for (; i + 4 * kStep <= c.numel; i += 4 * kStep) {
-    arrival_step<scalar_t, kCross>(g + i, at(i), kStep, gg0, gt0);
-    arrival_step<scalar_t, kCross>(g + i + kStep, at(i + kStep), kStep, gg1, gt1);
-    arrival_step<scalar_t, kCross>(g + i + 2 * kStep, at(i + 2 * kStep), kStep, gg2, gt2);
-    arrival_step<scalar_t, kCross>(g + i + 3 * kStep, at(i + 3 * kStep), kStep, gg3, gt3);
+    arrival_step<scalar_t, kCross, kAdd>(g + i, at(i), kStep, gg0, gt0, tt0);
+    arrival_step<scalar_t, kCross, kAdd>(g + i + kStep, at(i + kStep), kStep, gg1, gt1, tt1);
+    arrival_step<scalar_t, kCross, kAdd>(g + i + 2 * kStep, at(i + 2 * kStep), kStep, gg2, gt2, tt2);
+    arrival_step<scalar_t, kCross, kAdd>(g + i + 3 * kStep, at(i + 3 * kStep), kStep, gg3, gt3, tt3);
   }
   for (; i < c.numel; i += kStep) {
-    arrival_step<scalar_t, kCross>(g + i, at(i), std::min<int64_t>(kStep, c.numel - i), gg0, gt0);
+    arrival_step<scalar_t, kCross, kAdd>(g + i, at(i), std::min<int64_t>(kStep, c.numel - i), gg0,
+                                         gt0, tt0);
   }
   // in a fixed order: the same result for any thread count
-  *gg = lane_sum(gg0) + lane_sum(gg1) + lane_sum(gg2) + lane_sum(gg3);
-  *gt = kCross ? lane_sum(gt0) + lane_sum(gt1) + lane_sum(gt2) + lane_sum(gt3) : 0.0;
+  out->gg = lane_sum(gg0) + lane_sum(gg1) + lane_sum(gg2) + lane_sum(gg3);
+  out->gt = kCross ? lane_sum(gt0) + lane_sum(gt1) + lane_sum(gt2) + lane_sum(gt3) : 0.0;
+  out->tt = kCross ? lane_sum(tt0) + lane_sum(tt1) + lane_sum(tt2) + lane_sum(tt3) : 0.0;
 }
 
 template <typename scalar_t>
-void arrival_chunks_typed(const ArrivalChunk* chunks, int64_t n, double* gg, double* gt) {
+void arrival_chunks_typed(bool add, const ArrivalChunk* chunks, int64_t n, ArrivalSums* sums) {
   for (int64_t i = 0; i < n; ++i) {
-    if (chunks[i].accumulated != nullptr) {
-      arrival_chunk<scalar_t, true>(chunks[i], gg + i, gt + i);
+    if (chunks[i].accumulated == nullptr) {
+      arrival_chunk<scalar_t, false, false>(chunks[i], sums + i);
+    } else if (add) {
+      arrival_chunk<scalar_t, true, true>(chunks[i], sums + i);
     } else {
-      arrival_chunk<scalar_t, false>(chunks[i], gg + i, gt + i);
+      arrival_chunk<scalar_t, true, false>(chunks[i], sums + i);
     }
   }
 }
@@ -256,10 +268,10 @@ void accumulate_chunks(c10::ScalarType dtype, bool first, const AccumulateChunk*
   });
 }
 
-void arrival_chunks(c10::ScalarType dtype, const ArrivalChunk* chunks, int64_t n, double* gg,
-                    double* gt) {
+void arrival_chunks(c10::ScalarType dtype, bool add, const ArrivalChunk* chunks, int64_t n,
+                    ArrivalSums* sums) {
   for_dtype(dtype, [&](auto tag) {
-    arrival_chunks_typed<decltype(tag)>(chunks, n, gg, gt);
+    arrival_chunks_typed<decltype(tag)>(add, chunks, n, sums);
   });
 }
 
