@@ -1011,7 +1011,7 @@ def _outside_dynamo(fn):
 @_outside_dynamo
 def _on_gradient(capture_ref, i: int, grad: Tensor):
     cap = capture_ref()
-    if cap is None or not cap.active or not _adds_into_grad(cap.nodes.get(i)):
+    if cap is None or not cap.active or not _adds_into_grad(cap, i):
         return None
     n = cap.fired.get(i, 0)
     cap.fired[i] = n + 1
@@ -1065,14 +1065,23 @@ def _accumulate_grad_node(param: Tensor):
         return None
 
 
-def _adds_into_grad(node) -> bool:
-    """Whether the running backward will add this gradient into ``.grad``: not under
+def _adds_into_grad(cap, i: int) -> bool:
+    """Whether the running backward will add position i's gradient into ``.grad``: not under
     ``torch.autograd.grad()``, whose gradients go back to the caller (its tensor hooks run all
     the same). Without the node (or the query, another torch): assumed, as before it existed."""
+    node = cap.nodes.get(i)
     if node is None or _will_execute is None:
         return True
     try:
-        return _will_execute(node)
+        if _will_execute(node):
+            return True
+        # Not in this graph: the parameter's node was replaced (its .data changed dtype or
+        # device, which gives it a new AccumulateGrad), or it really is not run.
+        fresh = _accumulate_grad_node(cap.params[i])
+        if fresh is None or fresh is node:
+            return False
+        cap.nodes[i] = fresh
+        return _will_execute(fresh)
     except RuntimeError:  # "...currently running autograd.grad()": asked of a leaf's node
         return False
 

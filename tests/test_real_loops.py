@@ -491,6 +491,30 @@ def test_autograd_grad_between_micro_batches_is_not_a_micro_batch(impl, add_here
         assert_same_figures(opt, ref, 1e-6)
 
 
+def test_a_parameter_given_new_data_keeps_its_hooks(impl, add_here):
+    """``p.data = ...`` of another dtype (or device) gives the parameter a new AccumulateGrad
+    node: the hooks follow it, so the steps after are still measured by them, as by snapshots."""
+    torch.manual_seed(4)
+    model = Wide().double()
+    plain = copy.deepcopy(model)
+    opt = FusedScaledSGD(model.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
+    ref = FusedScaledSGD(plain.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
+    ref.statistics._hooks_failed = True
+    for step in range(4):
+        if step == 2:
+            for p in model.parameters():
+                p.data = p.data.float()
+                p.data = p.data.double()  # back to fp64, on a new node
+        for m, o in ((model, opt), (plain, ref)):
+            o.zero_grad()
+            wide_step(m, o, 2, seed=step)
+        assert opt.statistics._accumulation.hooks == (step > 0)
+        opt.step()
+        ref.step()
+        assert_same_figures(opt, ref, 1e-6)
+        assert int(opt.statistics.estimator.updates[0]) == step + 1
+
+
 def test_an_accumulate_grad_pre_hook_fails_loudly(impl, monkeypatch):
     """A pre-hook on the AccumulateGrad node runs after every tensor hook: it would get a
     gradient already added. It raises, naming the way out, rather than count it twice."""
