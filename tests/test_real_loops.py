@@ -390,6 +390,18 @@ def wide_step(model, opt, k, seed, accumulate=True, hook_grads=None, create_grap
             opt.accumulate_grad(loss_scale=1 / k)
 
 
+def wide_hooked_and_snapshot(seed, impl):
+    """hooked_and_snapshot's pair of fp64 Wide models (whose weights are large enough to be
+    added into .grad by the hooks where the threshold allows)."""
+    torch.manual_seed(seed)
+    model = Wide().double()
+    plain = copy.deepcopy(model)
+    opt = FusedScaledSGD(model.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
+    ref = FusedScaledSGD(plain.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
+    ref.statistics._hooks_failed = True
+    return model, opt, plain, ref
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_gradients_the_hooks_add_are_torchs_own(dtype, impl, monkeypatch):
     """Where the hooks add a micro-batch's gradient into .grad themselves, .grad is what
@@ -465,12 +477,7 @@ def test_autograd_grad_between_micro_batches_is_not_a_micro_batch(impl, add_here
     """torch.autograd.grad() runs the parameters' tensor hooks but adds nothing into .grad (a
     gradient penalty, an input gradient): the hooks let it pass untouched, whatever it returns
     is torch's, and every step is measured from the hooks as the snapshot path measures it."""
-    torch.manual_seed(3)
-    model = Wide().double()
-    plain = copy.deepcopy(model)
-    opt = FusedScaledSGD(model.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
-    ref = FusedScaledSGD(plain.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
-    ref.statistics._hooks_failed = True
+    model, opt, plain, ref = wide_hooked_and_snapshot(3, impl)
 
     def penalty_grads(m, i):
         x = torch.randn(3, 48, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
@@ -494,12 +501,7 @@ def test_autograd_grad_between_micro_batches_is_not_a_micro_batch(impl, add_here
 def test_a_parameter_given_new_data_keeps_its_hooks(impl, add_here):
     """``p.data = ...`` of another dtype (or device) gives the parameter a new AccumulateGrad
     node: the hooks follow it, so the steps after are still measured by them, as by snapshots."""
-    torch.manual_seed(4)
-    model = Wide().double()
-    plain = copy.deepcopy(model)
-    opt = FusedScaledSGD(model.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
-    ref = FusedScaledSGD(plain.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
-    ref.statistics._hooks_failed = True
+    model, opt, plain, ref = wide_hooked_and_snapshot(4, impl)
     for step in range(4):
         if step == 2:
             for p in model.parameters():
