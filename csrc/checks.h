@@ -136,7 +136,17 @@ inline void check_arrival_norms_inputs(const at::Tensor& out, const at::Tensor& 
   if (accumulated) {
     const at::Tensor acc[] = {*accumulated};
     check_tensor_list("accumulated", acc, grad, "grad", grads);
-    if (add) check_no_internal_overlap("accumulated", acc);
+    if (add) {
+      check_no_internal_overlap("accumulated", acc);
+      // as torch's `t += g`: g may be t itself, not part of it; out is neither
+      // (TooHard: strides torch cannot decide on either; it lets those through too)
+      TORCH_CHECK(at::get_overlap_status(*accumulated, grad) != at::MemOverlapStatus::Partial,
+                  "fastscale: accumulated and grad partly overlap in memory; they must be the same "
+                  "tensor or apart");
+      const auto with_out = at::get_overlap_status(*accumulated, out);
+      TORCH_CHECK(with_out != at::MemOverlapStatus::Partial && with_out != at::MemOverlapStatus::Full,
+                  "fastscale: out overlaps accumulated, which is written");
+    }
   }
 }
 

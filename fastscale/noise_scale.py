@@ -516,6 +516,7 @@ class _Accumulation:
         # deferred: those positions; deferred_scale: their call's (amp divisor, loss scale).
         self.deferred: tuple[int, ...] = ()
         self.deferred_scale: tuple | None = None
+        self.lost = False  # a deferred |g|² lost to a reset of its .grad: no measurement this step
 
 
 class StatisticsTracker:
@@ -553,6 +554,9 @@ class StatisticsTracker:
         self._hookable = bool(self.params) and all(type(p.data) is torch.Tensor for p in self.params)
         self._hooks_trusted = False
         self._hooks_failed = False  # a hooked step could not be measured: snapshots from then on
+        # Leave a step's first micro-batch unread (its |g|² comes with the next one), until a loop
+        # resets some .grad between micro-batches, which would lose it: then read it on arrival.
+        self._defer_first = True
         self.steps_taken = 0  # step() calls, counted while measure_every > 1: which ones are measured
         self.measuring = True  # whether accumulate_grad() measures the step being accumulated
 
@@ -609,7 +613,7 @@ class StatisticsTracker:
         self._accumulation = None
         if self._capture is not None:
             self._capture.clear()
-            self._capture.defer_fresh = True  # the next micro-batch is a first one
+            self._capture.defer_fresh = self._defer_first  # the next micro-batch is a first one
 
     def grad_sq_norms(self, params: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Per-tensor |.grad|² now (fp32 vector over all parameters) and the mask present."""
@@ -767,7 +771,12 @@ class StatisticsTracker:
             hooked_set, unchanged_set = set(hooked), set(unchanged)
             from_hooks = [i for i in acc.deferred if i in hooked_set and i in kept]
             still = [i for i in acc.deferred if i in unchanged_set and i in kept]
-            # anything else was reset since (it is no longer in seen): measured afresh or not at all
+            # Anything else had its .grad reset since (it is no longer in seen): its first
+            # micro-batch was never read, so this step cannot be measured; from the next step on
+            # first micro-batches are read as they arrive.
+            if len(from_hooks) + len(still) < len(acc.deferred):
+                acc.lost = True
+                self._defer_first = False
             if from_hooks:
                 _, _, tt = cap.gathered(len(self.params), self.device)
                 mask = self._mask_of(from_hooks)
@@ -835,7 +844,7 @@ class StatisticsTracker:
         acc = self._accumulation
         if acc is None or acc.count < 2 or self.estimator is None:
             return None  # one micro-batch: both norms are of the same gradient
-        if acc.deferred:  # first gradients after the first call (a copied optimizer): never read
+        if acc.deferred or acc.lost:  # first gradients never read (a copied optimizer, a partial reset)
             return None
         k = acc.count
         sizes = acc.batch_sizes
@@ -901,6 +910,12 @@ class _MicroBatchCapture:
     """
 
     def __init__(self, params: list[Tensor], compute: bool = False, arrival=None, active: bool = True):
+        # Made by an accumulate_grad() that may run under torch.inference_mode(): its buffers
+        # are written by the hooks outside it, and its AccumulateGrad nodes need a graph.
+        with torch.inference_mode(False):
+            self._make(params, compute, arrival, active)
+
+    def _make(self, params, compute, arrival, active) -> None:
         self.params = list(params)
         self.compute = compute  # take the norms (once the hooks are trusted)
         self.active = active  # False: the hooks do nothing (a step accumulate_grad does not measure)
@@ -941,6 +956,7 @@ class _MicroBatchCapture:
         self.after: dict[int, tuple] = {}  # position -> (ref, version) of .grad once it was added
         # position -> whether g·T was taken (its row is this micro-batch's); None: not read (deferred)
         self.norms: dict[int, bool | None] = {}
+        self.handed_on: dict[int, Tensor] = {}  # position -> the _AddedHere given to AccumulateGrad
 
     def close(self) -> None:
         for h in self.handles:
@@ -1032,7 +1048,8 @@ def _on_gradient(capture_ref, i: int, grad: Tensor):
         return None
     # (|g|², g·T, |T|²) in one read of each (fastscale::arrival_norms_), complex as (re, im)
     # pairs; detached, so a create_graph backward records nothing.
-    add = old is not None and _can_add_here(grad, old)
+    # Only where the backward's AccumulateGrad node is known (autograd.grad() is told apart)
+    add = old is not None and cap.nodes.get(i) is not None and _can_add_here(grad, old)
     g = grad.detach() if grad.requires_grad else grad  # (a new tensor object costs µs)
     g = torch.view_as_real(g) if g.is_complex() else g
     t = None
@@ -1053,7 +1070,10 @@ def _on_gradient(capture_ref, i: int, grad: Tensor):
         # op validates before writing: on an error nothing was added.
         return None
     cap.norms[i] = old is not None
-    return _AddedHere(grad) if add else None
+    if not add:
+        return None
+    stand_in = cap.handed_on[i] = _AddedHere(grad)  # checked after the accumulation
+    return stand_in
 
 
 def _accumulate_grad_node(param: Tensor):
@@ -1115,17 +1135,22 @@ def _in_compiled_autograd() -> bool:
 
 
 class _AddedHere(Tensor):
-    """What the hook hands AccumulateGrad after adding the gradient into ``.grad`` itself: a
-    storage-less stand-in of g's shape, dtype and device whose only operation is being added
-    into ``.grad`` (``grad += this``: nothing to do). Anything else that reaches it would see a
-    gradient already counted: it fails loudly rather than count it twice."""
+    """What the hook hands AccumulateGrad after adding the gradient g into ``.grad`` itself: a
+    storage-less stand-in of g's shape, dtype and device. Being added into ``.grad``
+    (AccumulateGrad's ``grad += this``) does nothing and marks it ``added``; any other operation
+    (a hook on the AccumulateGrad node reading the gradient) runs on g itself. A node pre-hook
+    that hands AccumulateGrad another tensor instead would have g counted twice: the hook after
+    the accumulation (:func:`_after_gradient`) then raises."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
-    def __new__(cls, like: Tensor):
-        return Tensor._make_wrapper_subclass(cls, like.shape, strides=like.stride(), dtype=like.dtype,
-                                             device=like.device)
+    def __new__(cls, grad: Tensor):
+        self = Tensor._make_wrapper_subclass(cls, grad.shape, strides=grad.stride(), dtype=grad.dtype,
+                                             device=grad.device)
+        self.gradient = grad
+        self.added = False
+        return self
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -1133,18 +1158,25 @@ class _AddedHere(Tensor):
         if (func in (torch.ops.aten.add_.Tensor, torch.ops.aten.add.Tensor) and len(args) == 2
                 and type(args[0]) is not cls and type(args[1]) is cls and kwargs.get("alpha", 1) == 1):
             # AccumulateGrad's .grad += g (in place), or .grad + g where it cannot be in place
+            args[1].added = True
             return args[0] if func is torch.ops.aten.add_.Tensor else args[0].clone()
-        raise RuntimeError(
-            f"fastscale: {func} on a gradient that fastscale's accumulation hook already added into "
-            ".grad: a pre-hook on the parameter's AccumulateGrad node (those run after every tensor "
-            "hook) used it. Register it with param.register_hook() before building the optimizer "
-            "instead: tensor hooks registered before fastscale's see the gradient itself")
+        unwrap = functools.partial(torch.utils._pytree.tree_map_only, cls, lambda t: t.gradient)
+        return func(*unwrap(args), **unwrap(kwargs))
 
 
 @_outside_dynamo
 def _after_gradient(capture_ref, i: int, param: Tensor) -> None:
     cap = capture_ref()
-    if cap is not None and cap.active and param.grad is not None:
+    if cap is None or not cap.active:
+        return
+    stand_in = cap.handed_on.pop(i, None)
+    if stand_in is not None and not stand_in.added:
+        raise RuntimeError(
+            "fastscale: a pre-hook on a parameter's AccumulateGrad node (those run after every tensor hook) "
+            "replaced the gradient that fastscale's accumulation hook had already added into .grad, so .grad "
+            "now counts it twice. Register that hook with param.register_hook() before the optimizer's first "
+            "accumulate_grad() instead: tensor hooks registered before fastscale's change the gradient itself")
+    if param.grad is not None:
         cap.after[i] = (weakref.ref(param.grad), param.grad._version)
 
 

@@ -143,17 +143,25 @@ def arrival_norms_(out: Tensor, grad: Tensor, accumulated: Tensor | None, *, add
     ``out`` is a 3-element fp32 or fp64 tensor on grad's device. With ``add`` the sum is
     rounded once into t's dtype, bit for bit what ``t += g`` stores; the norms are of t before.
     """
-    if accumulated is not None and accumulated.shape != grad.shape:
-        raise ValueError(f"fastscale: accumulated has shape {tuple(accumulated.shape)}, grad {tuple(grad.shape)}")
+    if out.numel() != 3 or out.dtype not in (torch.float32, torch.float64):
+        raise ValueError("fastscale: out must be a 3-element float32 or float64 tensor")
+    if grad.dtype not in (torch.float32, torch.float64, *_LOW_PRECISION):
+        raise ValueError(f"fastscale: grad has dtype {grad.dtype}; supported are float32, float64, float16 and bfloat16")
+    if add and accumulated is None:
+        raise ValueError("fastscale: arrival_norms_ with add=True needs accumulated")
+    if accumulated is not None:
+        for what, a, b in (("shape", accumulated.shape, grad.shape), ("dtype", accumulated.dtype, grad.dtype),
+                           ("device", accumulated.device, grad.device)):
+            if a != b:
+                raise ValueError(f"fastscale: accumulated has {what} {a} but grad has {b}")
     g = _compute_views([grad])[0].reshape(-1)
     gg = torch.dot(g, g)
     if accumulated is None:
-        if add:
-            raise ValueError("fastscale: arrival_norms_ with add=True needs accumulated")
         zero = torch.zeros_like(gg)
         out.copy_(torch.stack([gg, zero, zero]))
         return
     t = _compute_views([accumulated])[0].reshape(-1)
-    out.copy_(torch.stack([gg, torch.dot(g, t), torch.dot(t, t)]))
+    sums = torch.stack([gg, torch.dot(g, t), torch.dot(t, t)])  # of t before the add
     if add:
-        accumulated.add_(grad)
+        accumulated.add_(grad)  # torch's own checks (overlap) before out is written
+    out.copy_(sums)

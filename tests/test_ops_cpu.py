@@ -342,10 +342,12 @@ def test_arrival_norms(dtype, mode, shape):
 
 
 @pytest.mark.parametrize("add", [False, True], ids=["read", "add"])
+@pytest.mark.parametrize("t_layout", ["strided_slice", "same"])
 @pytest.mark.parametrize("layout", ["transposed", "strided_slice", "contiguous"])
-def test_arrival_norms_layouts(layout, add):
+def test_arrival_norms_layouts(layout, t_layout, add):
+    """.grad strided otherwise than g (written back through a copy), or alike (in place)."""
     make = layouts(torch.float32)
-    g, t = make[layout](), make["strided_slice"]()
+    g, t = make[layout](), make[layout if t_layout == "same" else t_layout]()
     t_ref, t0, strides = t.clone(), t.clone(), t.stride()
     out, ref = torch.zeros(3), torch.zeros(3)
     torch.ops.fastscale.arrival_norms_(out, g, t, add=add)
@@ -375,12 +377,35 @@ def test_arrival_norms_errors():
         ((torch.zeros(3), g, None), {"add": True}, r"add=True needs accumulated"),
         ((torch.zeros(3), g, torch.zeros(1).expand(3)), {"add": True}, r"accumulated\[0\] has overlapping memory"),
     ]
+    buf = torch.randn(11)
+    cases.append(((torch.zeros(3), buf[:10], buf[1:]), {"add": True}, r"accumulated and grad partly overlap"))
+    buf = torch.randn(13)
+    cases.append(((buf[3:6], torch.randn(10), buf[3:]), {"add": True}, r"out overlaps accumulated"))
     for args, kwargs, message in cases:
         before = [a.clone() if a is not None else None for a in args]
         with pytest.raises(RuntimeError, match=message):
             torch.ops.fastscale.arrival_norms_(*args, **kwargs)
         for a, b in zip(args, before):
             assert a is None or torch.equal(a, b), "a failed call writes nothing"
+        if "overlap" in message and "overlapping" not in message:
+            continue  # the twin leaves those to torch's own add_ below
+        with pytest.raises((ValueError, RuntimeError)):  # the pure-torch twin, where the op has no kernel
+            reference.arrival_norms_(*args, **kwargs)
+        for a, b in zip(args, before):
+            assert a is None or torch.equal(a, b), "a failed call of the twin writes nothing"
+
+
+def test_arrival_norms_twin_refuses_as_the_op_does_before_writing():
+    g = torch.randn(3)
+    cases = [((torch.zeros(3), g, torch.randn(3, dtype=torch.float64)), r"accumulated has dtype torch.float64 but grad"),
+             ((torch.zeros(3), g, torch.randn(4)), r"accumulated has shape"),
+             ((torch.zeros(2), g, None), r"out must be a 3-element"),
+             ((torch.zeros(3), g, None), r"add=True needs accumulated")]
+    for args, message in cases:
+        before = [a.clone() if a is not None else None for a in args]
+        with pytest.raises(ValueError, match=message):
+            reference.arrival_norms_(*args, add=True)
+        assert all(a is None or torch.equal(a, b) for a, b in zip(args, before))
 
 
 @pytest.mark.parametrize("mode", ["add", "cross", "first"])

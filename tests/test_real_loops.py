@@ -377,17 +377,19 @@ class Wide(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-def wide_step(model, opt, k, seed, accumulate=True, hook_grads=None, create_graph=False):
-    """k micro-batches into .grad (no step); ``hook_grads(model, i)`` after each backward."""
+def wide_step(model, opt, k, seed, accumulate=True, hook_grads=None, create_graph=()):
+    """k micro-batches into .grad (no step); ``hook_grads(model, i)`` after each backward and
+    its accumulate_grad();
+    ``create_graph``: the micro-batches whose backward records a graph."""
     gen = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     for i in range(k):
         x = torch.randn(5, 48, generator=gen).to(dtype)
-        model(x).square().mean().backward(create_graph=create_graph)
-        if hook_grads is not None:
-            hook_grads(model, i)
+        model(x).square().mean().backward(create_graph=i in create_graph)
         if accumulate:
             opt.accumulate_grad(loss_scale=1 / k)
+        if hook_grads is not None:
+            hook_grads(model, i)
 
 
 def wide_hooked_and_snapshot(seed, impl):
@@ -400,6 +402,21 @@ def wide_hooked_and_snapshot(seed, impl):
     ref = FusedScaledSGD(plain.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
     ref.statistics._hooks_failed = True
     return model, opt, plain, ref
+
+
+def hooked_with_plain_twin(seed, impl):
+    """A Wide model after two hooked steps, and a plain copy of it (no fastscale); both with
+    their gradients zeroed. Returns (model, opt, plain)."""
+    model, opt, plain, _ = wide_hooked_and_snapshot(seed, impl)
+    for step in range(2):
+        opt.zero_grad()
+        wide_step(model, opt, 2, seed=step)
+        opt.step()
+    with torch.no_grad():
+        plain.load_state_dict(model.state_dict())
+    opt.zero_grad()
+    plain.zero_grad()
+    return model, opt, plain
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
@@ -446,16 +463,14 @@ def test_a_hook_registered_later_turns_the_added_gradient_back_into_autograds(im
     add as torch does."""
     monkeypatch.setattr(noise_scale, "_ADD_HERE_MIN_NUMEL", 0)
     monkeypatch.setattr(noise_scale, "_hooks_warned", False)
-    torch.manual_seed(1)
-    model = Wide().double()
-    plain = copy.deepcopy(model)
-    opt = FusedScaledSGD(model.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
-    for step in range(2):
-        opt.zero_grad()
-        wide_step(model, opt, 2, seed=step)
-        opt.step()
-    with torch.no_grad():
-        plain.load_state_dict(model.state_dict())
+    model, opt, plain = hooked_with_plain_twin(1, impl)
+    # the second backward records a graph: grad mode is on in the hooks, AccumulateGrad adds
+    # out of place (.grad gets a grad_fn), so the hooks only read
+    wide_step(model, opt, 2, seed=6, create_graph=(1,))
+    wide_step(plain, None, 2, seed=6, accumulate=False, create_graph=(1,))
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad) and p.grad.requires_grad == q.grad.requires_grad
+    assert opt.statistics._capture is not None, "still measured by the hooks"
     for m in (model, plain):
         m.a.weight.register_hook(lambda g: g * 3)
     opt.zero_grad()
@@ -463,12 +478,6 @@ def test_a_hook_registered_later_turns_the_added_gradient_back_into_autograds(im
     with pytest.warns(UserWarning, match="changed by a tensor hook"):
         wide_step(model, opt, 2, seed=5)
     wide_step(plain, None, 2, seed=5, accumulate=False)
-    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
-        assert torch.equal(p.grad, q.grad)
-    opt.zero_grad()
-    plain.zero_grad()
-    wide_step(model, opt, 2, seed=6, create_graph=True)
-    wide_step(plain, None, 2, seed=6, accumulate=False, create_graph=True)
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
 
@@ -498,6 +507,41 @@ def test_autograd_grad_between_micro_batches_is_not_a_micro_batch(impl, add_here
         assert_same_figures(opt, ref, 1e-6)
 
 
+def test_hooks_made_under_inference_mode(impl, monkeypatch):
+    """accumulate_grad() first called under torch.inference_mode() hooks the parameters as
+    outside it; and hooks that do not know a parameter's AccumulateGrad node (whatever the
+    cause) only read, since they cannot tell autograd.grad() from a backward: an
+    autograd.grad() between micro-batches then changes no .grad and gets torch's gradients."""
+    monkeypatch.setattr(noise_scale, "_ADD_HERE_MIN_NUMEL", 0)
+    model, opt, plain, ref = wide_hooked_and_snapshot(6, impl)
+    for step in range(3):
+        for m, o in ((model, opt), (plain, ref)):
+            o.zero_grad()
+            for i in range(2):
+                m(torch.randn(5, 48, generator=torch.Generator().manual_seed(step * 2 + i),
+                              dtype=torch.float64)).square().mean().backward()
+                with torch.inference_mode():
+                    o.accumulate_grad(loss_scale=0.5)
+            o.step()
+        assert_same_figures(opt, ref, 1e-6)
+    cap = opt.statistics._capture
+    assert opt.statistics._accumulation is None and all(cap.nodes.values())
+    cap.nodes = {i: None for i in cap.nodes}
+    with torch.no_grad():
+        plain.load_state_dict(model.state_dict())
+    opt.zero_grad()
+    plain.zero_grad()
+    x = torch.randn(5, 48, dtype=torch.float64)
+    for m in (model, plain):
+        m(x).square().mean().backward()
+    opt.accumulate_grad(loss_scale=0.5)
+    got = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    want = torch.autograd.grad(plain(x).sum(), list(plain.parameters()))
+    assert all(type(a) is torch.Tensor and torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
 def test_a_parameter_given_new_data_keeps_its_hooks(impl, add_here):
     """``p.data = ...`` of another dtype (or device) gives the parameter a new AccumulateGrad
     node: the hooks follow it, so the steps after are still measured by them, as by snapshots."""
@@ -517,22 +561,71 @@ def test_a_parameter_given_new_data_keeps_its_hooks(impl, add_here):
         assert int(opt.statistics.estimator.updates[0]) == step + 1
 
 
-def test_an_accumulate_grad_pre_hook_fails_loudly(impl, monkeypatch):
-    """A pre-hook on the AccumulateGrad node runs after every tensor hook: it would get a
-    gradient already added. It raises, naming the way out, rather than count it twice."""
+def node_hooks_step(impl, node_hooks, seed=2):
+    """hooked_with_plain_twin, then ``node_hooks(model)`` on each and one more accumulation;
+    returns (model, plain)."""
+    model, opt, plain = hooked_with_plain_twin(seed, impl)
+    node_hooks(model), node_hooks(plain)
+    wide_step(model, opt, 2, seed=3)
+    wide_step(plain, None, 2, seed=3, accumulate=False)
+    return model, plain
+
+
+def test_hooks_on_the_accumulate_grad_node_read_the_gradient_itself(impl, monkeypatch):
+    """Pre- and post-hooks on a parameter's AccumulateGrad node (they run after every tensor
+    hook) that read the gradient see the gradient itself, as without fastscale."""
     monkeypatch.setattr(noise_scale, "_ADD_HERE_MIN_NUMEL", 0)
-    torch.manual_seed(2)
-    model = Wide().double()
-    opt = FusedScaledSGD(model.parameters(), lr=0.1, batch_size=10, noise_scale=EXACT, **impl)
-    for step in range(2):
-        opt.zero_grad()
-        wide_step(model, opt, 2, seed=step)
-        opt.step()
-    node = model.a.weight.view_as(model.a.weight).grad_fn.next_functions[0][0]
-    node.register_prehook(lambda grads: (grads[0] * 1.0,))
-    opt.zero_grad()
+    seen, nodes = {}, []
+
+    def reading(model):
+        node = model.a.weight.view_as(model.a.weight).grad_fn.next_functions[0][0]
+        nodes.append(node)  # autograd keeps a node (and its hooks) only while someone holds it
+        got = seen.setdefault(id(model), [])
+        node.register_prehook(lambda grads: got.append(grads[0].square().sum()))
+        node.register_hook(lambda grad_in, grad_out: got.append(grad_out[0] * 2))
+    model, plain = node_hooks_step(impl, reading)
+    ours, theirs = seen[id(model)], seen[id(plain)]
+    assert len(ours) == len(theirs) == 4
+    assert all(type(a) is torch.Tensor and torch.equal(a, b) for a, b in zip(ours, theirs))
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_an_accumulate_grad_pre_hook_that_replaces_the_gradient_fails_loudly(impl, monkeypatch):
+    """A pre-hook on the AccumulateGrad node that hands on another gradient would have the one
+    already added counted twice: the backward raises, naming the way out."""
+    monkeypatch.setattr(noise_scale, "_ADD_HERE_MIN_NUMEL", 0)
+
+    nodes = []
+
+    def replacing(model):
+        node = model.a.weight.view_as(model.a.weight).grad_fn.next_functions[0][0]
+        nodes.append(node)
+        node.register_prehook(lambda grads: (grads[0] * 1.0,))
     with pytest.raises(RuntimeError, match="already added into .grad.*register_hook"):
-        wide_step(model, opt, 2, seed=3)
+        node_hooks_step(impl, replacing)
+
+
+def test_a_grad_reset_between_micro_batches_costs_that_step_only(impl, add_here):
+    """Some .grad set to None after the first micro-batch, whose norm the hooks had left for
+    the next arrival to take: that step gives no measurement (never a wrong one), and the steps
+    after read first micro-batches as they arrive, measured as the snapshot path measures them."""
+    model, opt, plain, ref = wide_hooked_and_snapshot(5, impl)
+
+    def reset_b(m, i):
+        if i == 0:
+            m.b.weight.grad = None
+    for step in range(5):
+        for m, o in ((model, opt), (plain, ref)):
+            o.zero_grad()
+            wide_step(m, o, 3, seed=step, hook_grads=reset_b if step >= 2 else None)
+        before = int(opt.statistics.estimator.updates[0])
+        opt.step()
+        ref.step()
+        assert int(opt.statistics.estimator.updates[0]) == before + (step != 2)
+        if step != 2:
+            assert_same_figures(opt, ref, 1e-6)
+    assert not opt.statistics._defer_first and opt.statistics._accumulation is None
 
 
 def two_backwards(model, i, x, y, expert):
