@@ -513,9 +513,8 @@ class _Accumulation:
         self.default_total: int | None = None  # the optimizer's batch size at the last call
         # With hooks, the first micro-batch's gradients are not read as they arrive: |g|² of
         # each is |.grad|² when the next micro-batch's gradient arrives (the hooks' third sum).
-        # deferred: those positions; deferred_scale: their call's (amp divisor, loss scale).
+        # deferred: those positions, always of the last call (its amp_divisor and loss scale).
         self.deferred: tuple[int, ...] = ()
-        self.deferred_scale: tuple | None = None
         self.lost = False  # a deferred |g|² lost to a reset of its .grad: no measurement this step
 
 
@@ -682,9 +681,8 @@ class StatisticsTracker:
         if sq_pt is None:
             sq_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
         sq_pt = _unscaled_sq(sq_pt, divisor, loss_scale)
-        if late is not None:
-            sq_pt = sq_pt + _unscaled_sq(late, *acc.deferred_scale)
-        acc.deferred_scale = (divisor, loss_scale) if acc.deferred else None
+        if late is not None:  # scaled as the last call's losses, recorded below for this one
+            sq_pt = sq_pt + _unscaled_sq(late, acc.amp_divisor, acc.loss_scales[-1])
         acc.small_pt = sq_pt if acc.small_pt is None else acc.small_pt + sq_pt
         acc.loss_scales.append(loss_scale)
         acc.batch_sizes.append(batch_size)
@@ -765,6 +763,8 @@ class StatisticsTracker:
                 direct.append(i)  # first seen in this accumulation: its whole .grad is the micro-batch
         if acc.big_pt is None:
             acc.big_pt = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        if hooked:
+            a, d, tt = cap.gathered(len(self.params), self.device)
         late = None
         if acc.deferred:  # the last call's first gradients: |T|² now (T = .grad before g)
             late = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
@@ -777,8 +777,7 @@ class StatisticsTracker:
             if len(from_hooks) + len(still) < len(acc.deferred):
                 acc.lost = True
                 self._defer_first = False
-            if from_hooks:
-                _, _, tt = cap.gathered(len(self.params), self.device)
+            if from_hooks:  # (a subset of hooked)
                 mask = self._mask_of(from_hooks)
                 late = torch.where(mask, tt, late)
                 acc.big_pt = torch.where(mask, tt, acc.big_pt)
@@ -789,7 +788,6 @@ class StatisticsTracker:
                 acc.big_pt.index_copy_(0, idx, sq[idx])
         acc.deferred = tuple(deferred)
         if hooked:
-            a, d, _ = cap.gathered(len(self.params), self.device)
             micro = torch.where(self._mask_of(hooked), a, 0.0)
             continuing = self._mask_of([i for i in hooked if i in kept])
             fresh = self._mask_of([i for i in hooked if i not in kept])
@@ -904,7 +902,7 @@ class _MicroBatchCapture:
 
     What it costs: a first micro-batch's gradient (no T yet, ``defer_fresh``) is not read at
     all (its |g|² is the next arrival's |T|²); a later one is added into T by the hook itself,
-    in the same pass that takes the sums (:func:`_added_here`), so no pass over memory is added
+    in the same pass that takes the sums (:class:`_AddedHere`), so no pass over memory is added
     to autograd's own. Where that is not safe the sums are taken in one read of g and T, and
     AccumulateGrad adds as usual.
     """
@@ -927,7 +925,7 @@ class _MicroBatchCapture:
         self.nodes: dict[int, object] = {}  # position -> its AccumulateGrad node (will it run?)
         # The hooks write (|g|², g·T, |T|²) straight into one (n, 3) buffer per (device, compute
         # dtype), a row per parameter, so a call reads them with a few ops whatever the count.
-        self.groups: dict = {}  # (device, dtype) -> [positions, (n, 2) buffer]
+        self.groups: dict = {}  # (device, dtype) -> [positions, (n, 3) buffer]
         self.slots: dict[int, Tensor] = {}  # position -> its row of the buffer
         for i, p in enumerate(self.params):
             dtype = torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
@@ -1048,8 +1046,8 @@ def _on_gradient(capture_ref, i: int, grad: Tensor):
         return None
     # (|g|², g·T, |T|²) in one read of each (fastscale::arrival_norms_), complex as (re, im)
     # pairs; detached, so a create_graph backward records nothing.
-    # Only where the backward's AccumulateGrad node is known (autograd.grad() is told apart)
-    add = old is not None and cap.nodes.get(i) is not None and _can_add_here(grad, old)
+    # Only where autograd.grad() is told apart (the node known, the engine asked: _adds_into_grad)
+    add = old is not None and _knows_node(cap, i) and _can_add_here(grad, old)
     g = grad.detach() if grad.requires_grad else grad  # (a new tensor object costs µs)
     g = torch.view_as_real(g) if g.is_complex() else g
     t = None
@@ -1089,9 +1087,9 @@ def _adds_into_grad(cap, i: int) -> bool:
     """Whether the running backward will add position i's gradient into ``.grad``: not under
     ``torch.autograd.grad()``, whose gradients go back to the caller (its tensor hooks run all
     the same). Without the node (or the query, another torch): assumed, as before it existed."""
-    node = cap.nodes.get(i)
-    if node is None or _will_execute is None:
+    if not _knows_node(cap, i):
         return True
+    node = cap.nodes[i]
     try:
         if _will_execute(node):
             return True
@@ -1107,6 +1105,11 @@ def _adds_into_grad(cap, i: int) -> bool:
 
 
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+
+
+def _knows_node(cap, i: int) -> bool:
+    """Whether position i's hook can ask the engine if its AccumulateGrad node runs."""
+    return _will_execute is not None and cap.nodes.get(i) is not None
 
 
 # Below this many elements the two reads the fused add saves cost less than its Python.
@@ -1126,12 +1129,12 @@ def _can_add_here(grad: Tensor, old: Tensor) -> bool:
         return False
     if grad.shape != old.shape or grad.device != old.device:
         return False
-    return _will_execute is not None and not _in_compiled_autograd()
+    return not _in_compiled_autograd()
 
 
 def _in_compiled_autograd() -> bool:
     ca = getattr(getattr(torch, "_dynamo", None), "compiled_autograd", None)
-    return bool(ca is not None and (ca.in_compiled_autograd_region or ca.compiled_autograd_enabled))
+    return bool(getattr(ca, "in_compiled_autograd_region", False) or getattr(ca, "compiled_autograd_enabled", False))
 
 
 class _AddedHere(Tensor):
