@@ -187,7 +187,7 @@ def test_backward(benchmark, case, candidate):
 # ---------------------------------------------------------------------------- summary table
 
 
-def main(rounds: int = 15) -> None:
+def main(cases: list[str], rounds: int = 15) -> None:
     """Candidates interleaved round by round, so that load from other processes hits all of
     them alike. Reports the median and the minimum wall-clock time of the timed part; on a
     shared machine the minimum is the steadier estimate of what the work itself costs."""
@@ -195,7 +195,7 @@ def main(rounds: int = 15) -> None:
           f"opacus: {'ok' if OPACUS_ERROR is None else OPACUS_ERROR}")
     print(f"{'model':12s} {'candidate':17s} {'median ms':>10s} {'x plain':>8s} {'min ms':>9s} {'x plain':>8s} "
           f"{'peak MiB':>9s}")
-    for case in CASES:
+    for case in cases:
         steps = {}
         for candidate in CANDIDATES:
             try:
@@ -222,4 +222,7 @@ def main(rounds: int = 15) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1:
         torch.set_num_threads(int(sys.argv[1]))
-    main()
+    unknown = [c for c in sys.argv[2:] if c not in CASES]
+    if unknown:
+        sys.exit(f"unknown model(s) {unknown}; choose from {list(CASES)}")
+    main(sys.argv[2:] or list(CASES))

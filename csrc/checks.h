@@ -150,4 +150,27 @@ inline void check_arrival_norms_inputs(const at::Tensor& out, const at::Tensor& 
   }
 }
 
+// Every input of fastscale::linear_example_sq: input [B, T, d_in] and grad_output [B, T, d_out],
+// dense, of one dtype (float32 or float64: the products are BLAS matmuls in that dtype) and
+// device.
+inline void check_linear_example_sq_inputs(const at::Tensor& input, const at::Tensor& grad_output) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"input", input},
+                                {"grad_output", grad_output}}) {
+    TORCH_CHECK(t.defined(), "fastscale: ", name, " is undefined (None)");
+    TORCH_CHECK(t.layout() == at::kStrided, "fastscale: ", name, " has layout ", t.layout(),
+                "; sparse and other non-strided tensors are not supported");
+    TORCH_CHECK(t.dim() == 3, "fastscale: ", name, " must be 3-D [batch, tokens, features], got shape ",
+                t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastscale: ", name,
+                " has dtype ", t.scalar_type(), "; supported are float32 and float64");
+  }
+  TORCH_CHECK(input.scalar_type() == grad_output.scalar_type(), "fastscale: grad_output has dtype ",
+              grad_output.scalar_type(), " but input has ", input.scalar_type());
+  TORCH_CHECK(input.device() == grad_output.device(), "fastscale: grad_output is on ",
+              grad_output.device(), " but input is on ", input.device());
+  TORCH_CHECK(input.size(0) == grad_output.size(0) && input.size(1) == grad_output.size(1),
+              "fastscale: input has shape ", input.sizes(), " and grad_output ", grad_output.sizes(),
+              "; they must agree in batch and tokens (dims 0 and 1)");
+}
+
 }  // namespace fastscale::checks

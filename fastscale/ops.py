@@ -32,10 +32,12 @@ _lib.define(
 )
 
 _lib.define("arrival_norms_(Tensor(a!) out, Tensor grad, Tensor(b!)? accumulated, *, bool add=False) -> ()")
+_lib.define("linear_example_sq(Tensor input, Tensor grad_output) -> (Tensor, Tensor)")
 
 _lib.impl("fused_sgd_", reference.fused_sgd_, "CompositeExplicitAutograd")
 _lib.impl("accumulate_grad_", reference.accumulate_grad_, "CompositeExplicitAutograd")
 _lib.impl("arrival_norms_", reference.arrival_norms_, "CompositeExplicitAutograd")
+_lib.impl("linear_example_sq", reference.linear_example_sq, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastscale::fused_sgd_")
@@ -55,6 +57,11 @@ def _arrival_norms_fake(out, grad, accumulated, *, add=False):
     return None
 
 
+@torch.library.register_fake("fastscale::linear_example_sq")
+def _linear_example_sq_fake(input, grad_output):
+    return input.new_empty(grad_output.shape[-1], input.shape[-1]), input.new_empty(input.shape[0])
+
+
 def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> Tensor:
     """``torch.ops.fastscale.fused_sgd_``; see :func:`fastscale.reference.fused_sgd_`."""
     return torch.ops.fastscale.fused_sgd_(params, grads, momentum_buffers, **kwargs)
@@ -68,6 +75,11 @@ def accumulate_grad_(snapshots, grads, **kwargs) -> Tensor:
 def arrival_norms_(out, grad, accumulated, *, add=False) -> None:
     """``torch.ops.fastscale.arrival_norms_``; see :func:`fastscale.reference.arrival_norms_`."""
     torch.ops.fastscale.arrival_norms_(out, grad, accumulated, add=add)
+
+
+def linear_example_sq(input, grad_output) -> tuple[Tensor, Tensor]:
+    """``torch.ops.fastscale.linear_example_sq``; see :func:`fastscale.reference.linear_example_sq`."""
+    return torch.ops.fastscale.linear_example_sq(input, grad_output)
 
 
 # DTensors (FSDP2, tensor parallelism): every op runs on the local shards and returns local

@@ -165,3 +165,29 @@ def arrival_norms_(out: Tensor, grad: Tensor, accumulated: Tensor | None, *, add
     if add:
         accumulated.add_(grad)  # torch's own checks (overlap) before out is written
     out.copy_(sums)
+
+
+def linear_example_sq(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+    r"""A Linear layer's weight gradient and every example's share of it, squared::
+
+        weight_grad = sum_b grad_output[b]^T input[b]        [d_out, d_in]
+        sq[b]       = |grad_output[b]^T input[b]|^2            [B]
+
+    for ``input`` [B, T, d_in] and ``grad_output`` [B, T, d_out] of one dtype (float32 or
+    float64), computed in that dtype. Here all B gradients are formed at once (B d_in d_out
+    elements); the CPU kernel forms one at a time.
+    """
+    for name, t in (("input", input), ("grad_output", grad_output)):
+        if t.dim() != 3:
+            raise ValueError(f"fastscale: {name} must be 3-D [batch, tokens, features], got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"fastscale: {name} has dtype {t.dtype}; supported are float32 and float64")
+    if grad_output.dtype != input.dtype:
+        raise ValueError(f"fastscale: grad_output has dtype {grad_output.dtype} but input has {input.dtype}")
+    if grad_output.device != input.device:
+        raise ValueError(f"fastscale: grad_output is on {grad_output.device} but input is on {input.device}")
+    if input.shape[:2] != grad_output.shape[:2]:
+        raise ValueError(f"fastscale: input has shape {tuple(input.shape)} and grad_output {tuple(grad_output.shape)}; "
+                         "they must agree in batch and tokens (dims 0 and 1)")
+    examples = torch.bmm(grad_output.transpose(1, 2), input)
+    return examples.sum(0), examples.flatten(1).square().sum(1)

@@ -415,6 +415,81 @@ def test_opcheck_arrival_norms(mode):
                           {"add": mode == "add"})
 
 
+# ---- linear_example_sq: a Linear layer's weight gradient and each example's squared share of
+# it, one example at a time (the twin forms all B at once).
+
+# (B, T, d_in, d_out): one of everything, odd sizes, an example's gradient over several chunks
+# (d_in * d_out > kChunk), the bench transformer's head, an empty batch, no tokens.
+EXAMPLE_SHAPES = [(1, 1, 1, 1), (3, 5, 7, 11), (4, 3, 200, 300), (8, 64, 128, 1000), (0, 4, 3, 2), (3, 0, 4, 5)]
+
+
+def example_inputs(shape, dtype, layout="contiguous"):
+    b, t, d_in, d_out = shape
+    if layout == "contiguous":
+        return torch.randn(b, t, d_in, dtype=dtype), torch.randn(b, t, d_out, dtype=dtype)
+    if layout == "transposed":  # tokens-major storage, as after a transpose(0, 1)
+        return (torch.randn(t, b, d_in, dtype=dtype).transpose(0, 1),
+                torch.randn(t, b, d_out, dtype=dtype).transpose(0, 1))
+    # every other feature of a wider tensor
+    return torch.randn(b, t, 2 * d_in, dtype=dtype)[..., ::2], torch.randn(b, t, 2 * d_out, dtype=dtype)[..., ::2]
+
+
+@pytest.mark.parametrize("shape", EXAMPLE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_linear_example_sq(dtype, shape):
+    a, d = example_inputs(shape, dtype)
+    a0, d0 = a.clone(), d.clone()
+    weight_grad, sq = torch.ops.fastscale.linear_example_sq(a, d)
+    want_grad, want_sq = reference.linear_example_sq(a, d)
+    assert weight_grad.dtype == sq.dtype == dtype and weight_grad.shape == (shape[3], shape[2])
+    assert sq.shape == (shape[0],)
+    assert torch.equal(a, a0) and torch.equal(d, d0), "the inputs are only read"
+    # The weight gradient sums B matmuls in another order than one bmm + sum: relative to its
+    # largest entry. The norms: the kernel's double sum of an fp32 gradient against torch's.
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    scale = want_grad.abs().max().item() if want_grad.numel() else 0.0
+    torch.testing.assert_close(weight_grad, want_grad, rtol=0, atol=tol * scale * max(shape[0], 1))
+    torch.testing.assert_close(sq, want_sq, rtol=1e-10 if dtype == torch.float64 else 2e-5, atol=0)
+    # and the twin itself against each example's gradient, formed one by one in fp64
+    for i in range(shape[0]):
+        g = d[i].double().t() @ a[i].double()
+        torch.testing.assert_close(want_sq[i].double(), g.square().sum(), rtol=1e-5, atol=1e-12)
+    if shape[1] == 0 or shape[0] == 0:
+        assert not weight_grad.any() and not sq.any()
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided_features"])
+def test_linear_example_sq_layouts(layout):
+    a, d = example_inputs((5, 6, 30, 20), torch.float64, layout)
+    weight_grad, sq = torch.ops.fastscale.linear_example_sq(a, d)
+    want_grad, want_sq = reference.linear_example_sq(a.contiguous(), d.contiguous())
+    torch.testing.assert_close(weight_grad, want_grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sq, want_sq, rtol=1e-12, atol=0)
+
+
+def test_linear_example_sq_errors():
+    a, d = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    cases = [
+        ((a[0], d), r"input must be 3-D \[batch, tokens, features\], got shape [\[(]3, 4[\])]"),
+        ((a, d[0]), r"grad_output must be 3-D"),
+        ((a.half(), d.half()), r"input has dtype (Half|torch.float16); supported are float32 and float64"),
+        ((a, d.int()), r"grad_output has dtype (Int|torch.int32); supported are"),
+        ((a, d.double()), r"grad_output has dtype (Double|torch.float64) but input has (Float|torch.float32)"),
+        ((a, torch.randn(2, 4, 5)), r"they must agree in batch and tokens"),
+        ((a, torch.randn(3, 3, 5)), r"they must agree in batch and tokens"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fastscale.linear_example_sq(*args)
+        with pytest.raises(ValueError, match=message):  # the pure-torch twin, where the op has no kernel
+            reference.linear_example_sq(*args)
+
+
+def test_opcheck_linear_example_sq():
+    a, d = example_inputs((3, 5, 7, 11), torch.float32)
+    torch.library.opcheck(torch.ops.fastscale.linear_example_sq.default, (a, d))
+
+
 # ---- determinism: the reduction must not depend on the number of threads.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

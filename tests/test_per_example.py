@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+import fastscale
 from fastscale import PerExampleGradNorms, per_example
+from fastscale.per_example.hooks import _FusedCall
+
+# The CPU kernel of fastscale::linear_example_sq (a fused Linear's norms one example at a time).
+NATIVE = fastscale._extension.load() and "cpu" in fastscale._extension.native_device_types()
 
 RTOL = 1e-4
 
@@ -356,22 +361,35 @@ def test_frozen_parameters_are_ignored():
     assert set(norms.per_layer()) == {"2", "4"}
 
 
-def test_linear_reused_in_one_forward():
+@pytest.mark.parametrize("d,t", [(8, 4), (40, 5)], ids=["holds", "too_many_to_hold"])
+def test_linear_reused_in_one_forward(d, t, arrivals):
+    # A layer called twice: its examples' gradients are summed over the calls before squaring,
+    # so no call can take its norms alone. Fused calls hand over every example's gradient where
+    # B of them may be held (d=8, T=4: 64 <= 4 * 16), and otherwise (d=40, T=5: 1600 > 5 * 80)
+    # nothing: the rule then works from the output gradients, as for unfused calls. The head,
+    # called once, takes its norms with the CPU kernel.
     torch.manual_seed(7)
 
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = nn.Linear(8, 8)
-            self.head = nn.Linear(8, 3)
+            self.lin = nn.Linear(d, d)
+            self.head = nn.Linear(d, 3)
 
         def forward(self, x):
             return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
 
+    lin = "examples" if d == 8 else "neither"
+    expect = {  # arrivals in backward order: head, then the second and the first lin call
+        ("auto", True): ["sq", lin, lin] if NATIVE else ["examples"] + (["examples"] * 2 if d == 8 else []),
+        ("materialize", True): ["sq" if NATIVE else "examples", "examples", "examples"],
+    }
     for method in METHODS:
         for fused_linear in (True, False):  # fused: both calls bring their per-example gradients
-            check(Twice(), torch.randn(5, 4, 8), torch.randn(5, 4, 3), lambda o, y: (o - y).square().sum((1, 2)),
+            arrivals.clear()
+            check(Twice(), torch.randn(5, t, d), torch.randn(5, t, 3), lambda o, y: (o - y).square().sum((1, 2)),
                   "sum", method=method, fused_linear=fused_linear)
+            assert arrivals == expect.get((method, fused_linear), []), (method, fused_linear)
 
 
 def test_state_resets_on_next_forward():
@@ -577,6 +595,22 @@ def seq_loss(out, y):
     return (out - y).square().sum((1, 2, 3))
 
 
+@pytest.fixture
+def arrivals(monkeypatch):
+    """What each fused call's backward handed the hooks, in arrival order: "sq" (each
+    example's squared norm, the CPU kernel), "examples" (every example's gradient, held) or
+    "neither" (autograd's own weight gradient; the rule works from the output gradient)."""
+    seen = []
+    arrive = _FusedCall.arrive
+
+    def spy(self, grad_out, example_grads=None, example_sq=None):
+        seen.append("sq" if example_sq is not None else "examples" if example_grads is not None else "neither")
+        return arrive(self, grad_out, example_grads, example_sq)
+
+    monkeypatch.setattr(_FusedCall, "arrive", spy)
+    return seen
+
+
 def linear_grad_fns(model):
     """Per Linear call: which backward it runs."""
     calls = []
@@ -588,11 +622,14 @@ def linear_grad_fns(model):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("method", METHODS)
-def test_fused_linear_gradients_equal_plain_backward(method, dtype):
+def test_fused_linear_gradients_equal_plain_backward(method, dtype, arrivals):
     # The fused backward returns the sum of the per-example weight gradients as the weight
     # gradient: equal to autograd's without hooks. Which calls fuse: all with "materialize",
-    # none with "gram"; with "auto" those within the memory rule. At T = 10 tokens per example
-    # (x [4, 5, 2, 6]) 40->40 holds 1600 > 10 * 80 per example: not fused; the others are.
+    # none with "gram"; with "auto" those within the memory rule, or, with the CPU kernel,
+    # those whose pass over each example's gradient costs less than the Gram form. At T = 10
+    # tokens per example (x [4, 5, 2, 6]) 40->40 holds 1600 > 10 * 80 per example: not fused
+    # without the kernel; with it 1600 <= 10^2 * 80, fused. Each layer is called once: with the
+    # kernel every fused call hands the hooks its examples' squared norms.
     torch.manual_seed(18)
     model = seq_mlp().to(dtype)
     x, y = seq_data()
@@ -604,8 +641,9 @@ def test_fused_linear_gradients_equal_plain_backward(method, dtype):
         sq = norms.squared_norms()
     fused = "_LinearWithExampleGradsBackward"
     expect = {"materialize": [fused] * 3, "gram": ["ViewBackward0"] * 3,
-              "auto": [fused, "ViewBackward0", fused]}[method]
+              "auto": [fused] * 3 if NATIVE else [fused, "ViewBackward0", fused]}[method]
     assert [n if n == fused else "ViewBackward0" for n in calls] == expect, calls
+    assert arrivals == ["sq" if NATIVE else "examples"] * expect.count(fused)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, **tol)
@@ -614,18 +652,23 @@ def test_fused_linear_gradients_equal_plain_backward(method, dtype):
 
 
 def test_fused_linear_memory_rule():
-    from fastscale.per_example.linear import FUSE_MEMORY_FACTOR, _fuses
+    from fastscale.per_example.linear import FUSE_MEMORY_FACTOR, _fuses, _holds
     assert FUSE_MEMORY_FACTOR == 1  # where the unfused rule materialises anyway
-    assert _fuses("auto", 64, 128, 128)  # 16384 <= 64 * 256
-    assert not _fuses("auto", 64, 128, 1000)  # 128000 > 64 * 1128: the Gram form, as unfused
-    assert not _fuses("auto", 8, 1024, 1024)
-    assert _fuses("materialize", 8, 1024, 1024) and not _fuses("gram", 64, 128, 1000)
-    assert not _fuses("materialize", 1, 128, 128)  # one token: the outer-product rule
+    for native in (False, True):
+        assert _fuses("auto", 64, 128, 128, native)  # 16384 <= 64 * 256
+        assert not _fuses("auto", 8, 1024, 1024, native)  # 1M > 8^2 * 2048: the Gram form
+        assert _fuses("materialize", 8, 1024, 1024, native) and not _fuses("gram", 64, 128, 1000, native)
+        assert not _fuses("materialize", 1, 128, 128, native)  # one token: the outer-product rule
+    # 128000 > 64 * 1128: B of them are too many to hold, so without the kernel the Gram form,
+    # as unfused; the kernel holds one, and its pass (128000) costs less than 64^2 * 1128.
+    assert not _fuses("auto", 64, 128, 1000, False) and _fuses("auto", 64, 128, 1000, True)
+    assert not _holds("auto", 64, 128, 1000) and _holds("auto", 64, 128, 128) and _holds("materialize", 8, 1024, 1024)
 
 
 @pytest.mark.parametrize("case", ["conv", "linear"])
-def test_fused_double_backward(case):
-    # A gradient penalty through the fused backward (written in differentiable ops).
+def test_fused_double_backward(case, arrivals):
+    # A gradient penalty through the fused backward (written in differentiable ops; the CPU
+    # kernel, which is not, is passed over while the backward builds a graph).
     torch.manual_seed(13)
     make, data, loss, fused = {
         "conv": (CNN2d, cnn2d_data, ce, "_ConvWithExampleGradsBackward"),
@@ -639,11 +682,12 @@ def test_fused_double_backward(case):
     with PerExampleGradNorms(model, method="materialize"):
         got = plain_grads(model, x, y, loss, create_graph=True)
     assert calls and all((c[1] if case == "conv" else c) == fused for c in calls), calls
+    assert arrivals and set(arrivals) == {"examples"}, arrivals
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_fused_linear_under_autocast_and_bfloat16():
+def test_fused_linear_under_autocast_and_bfloat16(arrivals):
     torch.manual_seed(20)
     model = seq_mlp()
     x, y = seq_data()
@@ -662,6 +706,8 @@ def test_fused_linear_under_autocast_and_bfloat16():
             got = grads(m, xin, cast)
             sq = norms.squared_norms()
         assert calls and all(n == "_LinearWithExampleGradsBackward" for n in calls), calls
+        assert arrivals == ["examples"] * len(calls)  # bf16: the held form, no kernel
+        arrivals.clear()
         for g, w in zip(got, want, strict=True):
             assert g.dtype == w.dtype
             # bf16 rounding of each example's gradient before the sum

@@ -101,6 +101,23 @@ def test_arrival_reference_gives_the_micro_batch_norm_and_the_cross_term():
         assert torch.equal(args[0], torch.zeros(3))
 
 
+def test_linear_example_sq_reference_is_each_examples_gradient():
+    # A Linear layer's weight gradient is the sum of the examples' own, sum_t d_t a_t^T; the
+    # twin gives that sum and each one's squared norm, against the examples formed one by one
+    # and against autograd's weight gradient of the summed loss.
+    a = torch.randn(5, 7, 6, dtype=torch.float64, requires_grad=False)
+    weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    out = torch.nn.functional.linear(a, weight)
+    d = torch.randn_like(out)
+    out.backward(d)
+    weight_grad, sq = reference.linear_example_sq(a, d)
+    torch.testing.assert_close(weight_grad, weight.grad)
+    torch.testing.assert_close(sq, torch.stack([(d[i].t() @ a[i]).square().sum() for i in range(5)]))
+    for bad in [(a[0], d), (a.float(), d), (a, d[:, :3])]:
+        with pytest.raises(ValueError):
+            reference.linear_example_sq(*bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(dtype):
     params = [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype)]

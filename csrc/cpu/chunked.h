@@ -104,4 +104,31 @@ inline at::Tensor sum_partials(const std::vector<double>& partial,
   return norms;
 }
 
+// (|g|^2, g.t, |t|^2) of one flat array g (and t, nullptr for |g|^2 alone), with add t <- t + g
+// in the same pass: kChunk-sized chunks over the threads, summed in chunk order.
+inline ArrivalSums arrival_sums(c10::ScalarType dtype, const void* grad, void* accumulated,
+                                int64_t numel, bool add) {
+  const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
+  const auto* g = static_cast<const char*>(grad);
+  auto* t = static_cast<char*>(accumulated);
+  std::vector<ArrivalChunk> chunks;
+  for (int64_t begin = 0; begin < numel; begin += kChunk) {
+    const int64_t off = begin * elem;
+    chunks.push_back({g + off, t ? t + off : nullptr, std::min(kChunk, numel - begin)});
+  }
+  const auto num_chunks = static_cast<int64_t>(chunks.size());
+  std::vector<ArrivalSums> sums(num_chunks);
+  const Kernels& k = kernels();
+  run_chunks(num_chunks, numel, [&](int64_t begin, int64_t end) {
+    k.arrival(dtype, add, chunks.data() + begin, end - begin, sums.data() + begin);
+  });
+  ArrivalSums total;  // in chunk order: the same for any number of threads
+  for (const ArrivalSums& s : sums) {
+    total.gg += s.gg;
+    total.gt += s.gt;
+    total.tt += s.tt;
+  }
+  return total;
+}
+
 }  // namespace fastscale::cpu

@@ -88,20 +88,21 @@ def _conv_example_grads(x: Tensor, d: Tensor, weight_shape, geometry) -> Tensor:
 class _ConvWithExampleGrads(torch.autograd.Function):
     """``mod(x)`` whose backward computes every example's weight gradient once and returns
     their sum as the weight gradient, instead of autograd computing the weight gradient a
-    second time. The per-example gradients go to ``sink(grad_out, example_grads)``.
+    second time. The per-example gradients go to ``call.arrive(grad_out, example_grads)``
+    (``call``: the hooks' :class:`.hooks._FusedCall`).
     The backward is written in differentiable ops, so double backward works."""
 
     @staticmethod
-    def forward(x, weight, bias, geometry, sink):
+    def forward(x, weight, bias, geometry, call):
         stride, padding, dilation, groups = geometry
         return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False,
                                           [0] * len(stride), groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, geometry, sink = inputs
+        x, weight, bias, geometry, call = inputs
         ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.sink = geometry, sink
+        ctx.geometry, ctx.call = geometry, call
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -116,7 +117,7 @@ class _ConvWithExampleGrads(torch.autograd.Function):
         dw = examples.sum(0)
         if ctx.needs_input_grad[2]:
             db = grad_out.sum([0, *range(2, grad_out.dim())])
-        ctx.sink(grad_out.detach(), examples.detach())
+        ctx.call.arrive(grad_out.detach(), examples.detach())
         return dx, dw, db, None, None
 
 

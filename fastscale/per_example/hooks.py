@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 from .common import _direct_trainable
 from .conv import _ConvWithExampleGrads, _apply_under_autocast, _conv_call, _conv_prefers_gram
 from .functorch import _functorch_sq
-from .linear import _fuses as _linear_fuses, _LinearWithExampleGrads
+from .linear import _fuses as _linear_fuses, _holds as _linear_holds, _LinearWithExampleGrads, _native as _linear_native
 from .registry import KEEPS, RULES, kind as _kind
 
 __all__ = ["PerExampleGradNorms"]
@@ -31,15 +31,34 @@ _FUSED_CONV = (nn.Conv1d, nn.Conv2d)  # their forward can run through _ConvWithE
 class _Use:
     """One call of a module: its inputs (detached, the tensors autograd keeps anyway), what
     the rule's ``keep`` took from its forward, and, once backward reaches it, the gradient of
-    its output (and, for a fused call, every example's weight gradient)."""
+    its output (and, for a fused call, every example's weight gradient or its squared norm)."""
 
-    __slots__ = ("args", "kwargs", "kept", "grad", "example_grads")
+    __slots__ = ("args", "kwargs", "kept", "grad", "example_grads", "example_sq")
 
     def __init__(self, args, kwargs, kept=None):
         detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
         self.args, self.kwargs = pytree.tree_map(detach, args), pytree.tree_map(detach, kwargs)
         self.kept = kept
-        self.grad = self.example_grads = None
+        self.grad = self.example_grads = self.example_sq = None
+
+
+class _FusedCall:
+    """What a fused layer's autograd function (``_LinearWithExampleGrads``,
+    ``_ConvWithExampleGrads``) knows of the hooks: whether its call is the layer's only one
+    this step (then each example's squared norm can be taken per call), whether it may hold
+    every example's weight gradient at once (``holds``), and where its backward's results go."""
+
+    __slots__ = ("hooks", "layer", "use", "holds")
+
+    def __init__(self, hooks: "PerExampleGradNorms", layer: "_Layer", use: _Use, holds: bool):
+        self.hooks, self.layer, self.use, self.holds = hooks, layer, use, holds
+
+    def alone(self) -> bool:
+        return len(self.layer.uses) == 1
+
+    def arrive(self, grad_out: Tensor, example_grads: Tensor | None = None, example_sq: Tensor | None = None) -> None:
+        self.use.grad, self.use.example_grads, self.use.example_sq = grad_out, example_grads, example_sq
+        self.hooks._arrived(self.layer)
 
 
 class _RestoreForward:
@@ -94,12 +113,16 @@ class PerExampleGradNorms:
             computed twice (default ``True``; the layer's ``forward`` is replaced on the
             instance until :meth:`detach`). ``False``: every layer keeps its own forward and
             is only hooked; the per-example weight gradients are then an extra computation.
-        fused_linear: the same for ``nn.Linear`` calls on sequences ([B, T, d_in]) whose
-            per-example weight gradients are affordable to hold (B·d_in·d_out at most
-            ``per_example.linear.FUSE_MEMORY_FACTOR`` = 1 times the call's input and output
-            gradient with ``method="auto"``: where the unfused rule materialises them anyway):
-            their sum becomes the weight gradient (default ``True``). Calls on [B, d] keep the
-            outer-product rule, which costs nothing.
+        fused_linear: the same for ``nn.Linear`` calls on sequences ([B, T, d_in]) (default
+            ``True``). On the CPU (fp32/fp64, compiled extension), a layer called once per
+            forward gets its weight gradient and its examples' squared norms from one kernel
+            that forms one example's gradient at a time (d_in·d_out memory), where that pass
+            costs less than the Gram form (d_in·d_out ≤ T²(d_in + d_out)). Elsewhere a call is
+            fused where its B per-example weight gradients are affordable to hold
+            (B·d_in·d_out at most ``per_example.linear.FUSE_MEMORY_FACTOR`` = 1 times the
+            call's input and output gradient with ``method="auto"``: where the unfused rule
+            materialises them anyway). Calls on [B, d] keep the outer-product rule, which
+            costs nothing.
         attach: register the hooks now (default); otherwise call :meth:`attach` or use ``with``.
 
     After ``backward``, :meth:`squared_norms` returns the [B] total and :meth:`per_layer` the
@@ -267,7 +290,8 @@ class PerExampleGradNorms:
 
     def _fused_call(self, layer: _Layer):
         """For a layer whose weight gradient can be fused with its per-example gradients:
-        ``call(mod, input) -> (function, args) | None`` (None: this call is not fused)."""
+        ``call(mod, input) -> (function, args, holds) | None`` (None: this call is not fused;
+        ``holds``: it may hold all B per-example weight gradients at once)."""
         if self.fused_conv and layer.kind in _FUSED_CONV:
             def conv(mod, input):
                 if input.dim() != mod.weight.dim():
@@ -279,21 +303,24 @@ class PerExampleGradNorms:
                     for size, k, st, pad, dil in zip(x.shape[2:], mod.kernel_size, stride, padding, dilation))
                 if _conv_prefers_gram(mod, self.method, positions):
                     return None
-                return _ConvWithExampleGrads, (x, mod.weight, mod.bias, geometry)
+                return _ConvWithExampleGrads, (x, mod.weight, mod.bias, geometry), True
             return conv
         if self.fused_linear and layer.kind is nn.Linear:
             def linear(mod, input):
-                if input.dim() < 3 or not _linear_fuses(self.method, math.prod(input.shape[1:-1]),
-                                                        mod.in_features, mod.out_features):
+                if input.dim() < 3:
                     return None
-                return _LinearWithExampleGrads, (input, mod.weight, mod.bias)
+                tokens, shape = math.prod(input.shape[1:-1]), (mod.in_features, mod.out_features)
+                native = _linear_native(input, mod.weight) and not torch.is_autocast_enabled(input.device.type)
+                if not _linear_fuses(self.method, tokens, *shape, native):
+                    return None
+                return _LinearWithExampleGrads, (input, mod.weight, mod.bias), _linear_holds(self.method, tokens, *shape)
             return linear
         return None
 
     def _fused_forward(self, layer: _Layer, fused_call):
         """The layer's forward while attached (it replaces the forward hook): calls that
-        ``fused_call`` fuses run through its autograd function, which hands every example's
-        weight gradient to the sink; the rest run the module's own forward and are watched
+        ``fused_call`` fuses run through its autograd function, which hands the examples' weight
+        gradients (or their squared norms) to the call's record; the rest run the module's own forward and are watched
         like any other layer."""
         own_forward = type(layer.module).forward
 
@@ -304,14 +331,9 @@ class PerExampleGradNorms:
                     and not self._suspended):
                 plan = fused_call(mod, input)
                 if plan is not None:
-                    function, args = plan
+                    function, args, holds = plan
                     use = _Use((input,), {})
-
-                    def sink(grad_out, example_grads):
-                        use.grad, use.example_grads = grad_out, example_grads
-                        self._arrived(layer)
-
-                    output = _apply_under_autocast(function, *args, sink)
+                    output = _apply_under_autocast(function, *args, _FusedCall(self, layer, use, holds))
                     self._admit(layer, mod, (input,), output)  # always admitted: the weight requires grad
                     layer.uses.append(use)
                     return output
@@ -333,7 +355,7 @@ class PerExampleGradNorms:
             # The output's hook closure keeps its _Use alive as long as the autograd graph
             # lives (all of backward): drop the tensors now, not at the end.
             for u in all_uses:
-                u.args = u.kwargs = u.kept = u.grad = u.example_grads = None
+                u.args = u.kwargs = u.kept = u.grad = u.example_grads = u.example_sq = None
 
     def _reduce_uses(self, layer: _Layer, uses: list[_Use]) -> None:
         kind, mod = layer.kind, layer.module

@@ -1,0 +1,51 @@
+// fastscale::linear_example_sq on the CPU: a Linear layer's weight gradient sum_b D_b^T A_b and
+// every example's |D_b^T A_b|^2, one example at a time. Each example's gradient is one BLAS
+// matmul into a scratch of d_out x d_in (in cache), then one pass adds it into the weight
+// gradient and takes its squared norm (the arrival loop: |e|^2 while dw += e). So the
+// per-example norms cost that pass, not a second computation: B small matmuls of depth T were
+// measured as fast as autograd's one matmul of depth B*T on the bench transformer's layers, and
+// memory is one example's gradient, not B of them. The math is fastscale/reference.py's.
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/chunked.h"
+
+namespace fastscale {
+
+std::tuple<at::Tensor, at::Tensor> linear_example_sq_cpu(const at::Tensor& input,
+                                                        const at::Tensor& grad_output) {
+  checks::check_linear_example_sq_inputs(input, grad_output);
+  const int64_t batch = input.size(0);
+  at::Tensor weight_grad = at::empty({grad_output.size(2), input.size(2)}, input.options());
+  at::Tensor sq = at::empty({batch}, input.options());
+  if (batch == 0) return {weight_grad.zero_(), sq};
+  at::Tensor example = batch > 1 ? at::empty_like(weight_grad) : weight_grad;
+  const at::ScalarType dtype = input.scalar_type();
+  const int64_t numel = weight_grad.numel();
+  for (int64_t b = 0; b < batch; ++b) {
+    // The first example's gradient goes straight into the weight gradient.
+    at::Tensor& target = b == 0 ? weight_grad : example;
+    at::mm_out(target, grad_output.select(0, b).t(), input.select(0, b));
+    const cpu::ArrivalSums s =
+        b == 0 ? cpu::arrival_sums(dtype, weight_grad.const_data_ptr(), nullptr, numel, false)
+               : cpu::arrival_sums(dtype, example.const_data_ptr(), weight_grad.data_ptr(), numel, true);
+    if (dtype == at::kDouble) {
+      sq.data_ptr<double>()[b] = s.gg;
+    } else {
+      sq.data_ptr<float>()[b] = static_cast<float>(s.gg);
+    }
+  }
+  return {weight_grad, sq};
+}
+
+}  // namespace fastscale
+
+TORCH_LIBRARY_IMPL(fastscale, CPU, m) {
+  m.impl("linear_example_sq", &fastscale::linear_example_sq_cpu);
+}
