@@ -173,4 +173,61 @@ inline void check_linear_example_sq_inputs(const at::Tensor& input, const at::Te
               "; they must agree in batch and tokens (dims 0 and 1)");
 }
 
+// Every input of fastscale::conv_example_sq: input [B, C, H, W] and grad_output [B, O, Ho, Wo]
+// as checked for linear_example_sq, two numbers per geometry argument, and grad_output's size
+// the one a convolution of input with that geometry gives.
+inline void check_conv_example_sq_inputs(const at::Tensor& input, const at::Tensor& grad_output,
+                                         at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"input", input},
+                                {"grad_output", grad_output}}) {
+    TORCH_CHECK(t.defined(), "fastscale: ", name, " is undefined (None)");
+    TORCH_CHECK(t.layout() == at::kStrided, "fastscale: ", name, " has layout ", t.layout(),
+                "; sparse and other non-strided tensors are not supported");
+    TORCH_CHECK(t.dim() == 4, "fastscale: ", name, " must be 4-D [batch, channels, height, width], got shape ",
+                t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastscale: ", name,
+                " has dtype ", t.scalar_type(), "; supported are float32 and float64");
+  }
+  TORCH_CHECK(input.scalar_type() == grad_output.scalar_type(), "fastscale: grad_output has dtype ",
+              grad_output.scalar_type(), " but input has ", input.scalar_type());
+  TORCH_CHECK(input.device() == grad_output.device(), "fastscale: grad_output is on ",
+              grad_output.device(), " but input is on ", input.device());
+  for (const auto& [name, v, least] : {std::tuple<const char*, at::IntArrayRef, int64_t>{"kernel_size", kernel_size, 1},
+                                       {"stride", stride, 1}, {"padding", padding, 0}, {"dilation", dilation, 1}}) {
+    TORCH_CHECK(v.size() == 2 && v[0] >= least && v[1] >= least, "fastscale: ", name,
+                " must be two integers >= ", least, ", got ", v);
+  }
+  TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0 && grad_output.size(1) % groups == 0,
+              "fastscale: groups must be >= 1 and divide input's channels (", input.size(1),
+              ") and grad_output's (", grad_output.size(1), "), got ", groups);
+  TORCH_CHECK(input.size(0) == grad_output.size(0), "fastscale: input has batch ", input.size(0),
+              " but grad_output has ", grad_output.size(0));
+  for (int k = 0; k < 2; ++k) {
+    const int64_t span = dilation[k] * (kernel_size[k] - 1) + 1;
+    const int64_t padded = input.size(2 + k) + 2 * padding[k];
+    const int64_t out = padded < span ? 0 : (padded - span) / stride[k] + 1;
+    TORCH_CHECK(grad_output.size(2 + k) == out, "fastscale: grad_output has spatial size ",
+                grad_output.sizes().slice(2), " but this geometry gives ", k == 0 ? "height " : "width ", out);
+  }
+}
+
+// Every input of fastscale::row_dot_sums: x and d 2-D [rows, n] of one shape, dtype (float32 or
+// float64) and device, dense.
+inline void check_row_dot_sums_inputs(const at::Tensor& x, const at::Tensor& d) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"d", d}}) {
+    TORCH_CHECK(t.defined(), "fastscale: ", name, " is undefined (None)");
+    TORCH_CHECK(t.layout() == at::kStrided, "fastscale: ", name, " has layout ", t.layout(),
+                "; sparse and other non-strided tensors are not supported");
+    TORCH_CHECK(t.dim() == 2, "fastscale: ", name, " must be 2-D [rows, n], got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastscale: ", name,
+                " has dtype ", t.scalar_type(), "; supported are float32 and float64");
+  }
+  TORCH_CHECK(x.scalar_type() == d.scalar_type(), "fastscale: d has dtype ", d.scalar_type(),
+              " but x has ", x.scalar_type());
+  TORCH_CHECK(x.device() == d.device(), "fastscale: d is on ", d.device(), " but x is on ", x.device());
+  TORCH_CHECK(x.sizes() == d.sizes(), "fastscale: d has shape ", d.sizes(), " but x has ", x.sizes());
+}
+
 }  // namespace fastscale::checks

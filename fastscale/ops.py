@@ -33,11 +33,16 @@ _lib.define(
 
 _lib.define("arrival_norms_(Tensor(a!) out, Tensor grad, Tensor(b!)? accumulated, *, bool add=False) -> ()")
 _lib.define("linear_example_sq(Tensor input, Tensor grad_output) -> (Tensor, Tensor)")
+_lib.define("conv_example_sq(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, "
+            "int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)")
 
 _lib.impl("fused_sgd_", reference.fused_sgd_, "CompositeExplicitAutograd")
 _lib.impl("accumulate_grad_", reference.accumulate_grad_, "CompositeExplicitAutograd")
 _lib.impl("arrival_norms_", reference.arrival_norms_, "CompositeExplicitAutograd")
+_lib.define("row_dot_sums(Tensor x, Tensor d) -> (Tensor, Tensor)")
 _lib.impl("linear_example_sq", reference.linear_example_sq, "CompositeExplicitAutograd")
+_lib.impl("row_dot_sums", reference.row_dot_sums, "CompositeExplicitAutograd")
+_lib.impl("conv_example_sq", reference.conv_example_sq, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastscale::fused_sgd_")
@@ -62,6 +67,17 @@ def _linear_example_sq_fake(input, grad_output):
     return input.new_empty(grad_output.shape[-1], input.shape[-1]), input.new_empty(input.shape[0])
 
 
+@torch.library.register_fake("fastscale::conv_example_sq")
+def _conv_example_sq_fake(input, grad_output, kernel_size, stride, padding, dilation, groups):
+    weight = input.new_empty(grad_output.shape[1], input.shape[1] // groups, *kernel_size)
+    return weight, input.new_empty(input.shape[0]), input.new_empty(input.shape[0], grad_output.shape[1])
+
+
+@torch.library.register_fake("fastscale::row_dot_sums")
+def _row_dot_sums_fake(x, d):
+    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+
 def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> Tensor:
     """``torch.ops.fastscale.fused_sgd_``; see :func:`fastscale.reference.fused_sgd_`."""
     return torch.ops.fastscale.fused_sgd_(params, grads, momentum_buffers, **kwargs)
@@ -80,6 +96,16 @@ def arrival_norms_(out, grad, accumulated, *, add=False) -> None:
 def linear_example_sq(input, grad_output) -> tuple[Tensor, Tensor]:
     """``torch.ops.fastscale.linear_example_sq``; see :func:`fastscale.reference.linear_example_sq`."""
     return torch.ops.fastscale.linear_example_sq(input, grad_output)
+
+
+def conv_example_sq(input, grad_output, kernel_size, stride, padding, dilation, groups) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.fastscale.conv_example_sq``; see :func:`fastscale.reference.conv_example_sq`."""
+    return torch.ops.fastscale.conv_example_sq(input, grad_output, kernel_size, stride, padding, dilation, groups)
+
+
+def row_dot_sums(x, d) -> tuple[Tensor, Tensor]:
+    """``torch.ops.fastscale.row_dot_sums``; see :func:`fastscale.reference.row_dot_sums`."""
+    return torch.ops.fastscale.row_dot_sums(x, d)
 
 
 # DTensors (FSDP2, tensor parallelism): every op runs on the local shards and returns local

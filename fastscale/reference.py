@@ -11,6 +11,7 @@ squared norms are always returned in fp32 (accumulated in fp64 for fp64 tensors)
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -191,3 +192,63 @@ def linear_example_sq(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tenso
                          "they must agree in batch and tokens (dims 0 and 1)")
     examples = torch.bmm(grad_output.transpose(1, 2), input)
     return examples.sum(0), examples.flatten(1).square().sum(1)
+
+
+def conv_example_sq(input: Tensor, grad_output: Tensor, kernel_size, stride, padding, dilation,
+                    groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The same for a 2-D convolution (``F.conv2d(input, weight, bias, stride, padding,
+    dilation, groups)`` with zero padding): ``weight_grad`` of the weight's shape, every
+    example's squared share of it, ``sq`` [B], and every example's bias gradient
+    ``bias_grads`` [B, C_out] (``grad_output`` summed over positions). A convolution is a Linear over im2col patches,
+    one token per output position, per group: here all B examples' gradients are formed at once
+    from ``F.unfold`` and one bmm per group; the CPU kernel forms one example's at a time.
+    """
+    for name, t in (("input", input), ("grad_output", grad_output)):
+        if t.dim() != 4:
+            raise ValueError(f"fastscale: {name} must be 4-D [batch, channels, height, width], got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"fastscale: {name} has dtype {t.dtype}; supported are float32 and float64")
+    if grad_output.dtype != input.dtype:
+        raise ValueError(f"fastscale: grad_output has dtype {grad_output.dtype} but input has {input.dtype}")
+    if grad_output.device != input.device:
+        raise ValueError(f"fastscale: grad_output is on {grad_output.device} but input is on {input.device}")
+    for name, v, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                           ("dilation", dilation, 1)):
+        if len(v) != 2 or min(v) < least:
+            raise ValueError(f"fastscale: {name} must be two integers >= {least}, got {list(v)}")
+    b, c = input.shape[:2]
+    o = grad_output.shape[1]
+    if groups < 1 or c % groups or o % groups:
+        raise ValueError(f"fastscale: groups must be >= 1 and divide input's channels ({c}) and grad_output's ({o}), "
+                         f"got {groups}")
+    if grad_output.shape[0] != b:
+        raise ValueError(f"fastscale: input has batch {b} but grad_output has {grad_output.shape[0]}")
+    for k in range(2):
+        span, padded = dilation[k] * (kernel_size[k] - 1) + 1, input.shape[2 + k] + 2 * padding[k]
+        size = 0 if padded < span else (padded - span) // stride[k] + 1
+        if grad_output.shape[2 + k] != size:
+            raise ValueError(f"fastscale: grad_output has spatial size {list(grad_output.shape[2:])} but this "
+                             f"geometry gives {('height', 'width')[k]} {size}")
+    patches = F.unfold(input, kernel_size, dilation, padding, stride)  # [B, C * kh * kw, L]
+    positions = grad_output.shape[2] * grad_output.shape[3]
+    patches = patches.reshape(b * groups, c // groups * kernel_size[0] * kernel_size[1], positions)
+    d = grad_output.reshape(b * groups, o // groups, positions)
+    examples = torch.bmm(d, patches.transpose(1, 2)).reshape(b, o, c // groups, *kernel_size)
+    return examples.sum(0), examples.flatten(1).square().sum(1), grad_output.sum((2, 3))
+
+
+def row_dot_sums(x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(sum_k x[r, k] d[r, k], sum_k d[r, k])`` for every row r of x and d, [R, N] each, of
+    one dtype (float32 or float64), in that dtype."""
+    for name, t in (("x", x), ("d", d)):
+        if t.dim() != 2:
+            raise ValueError(f"fastscale: {name} must be 2-D [rows, n], got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"fastscale: {name} has dtype {t.dtype}; supported are float32 and float64")
+    if d.dtype != x.dtype:
+        raise ValueError(f"fastscale: d has dtype {d.dtype} but x has {x.dtype}")
+    if d.device != x.device:
+        raise ValueError(f"fastscale: d is on {d.device} but x is on {x.device}")
+    if d.shape != x.shape:
+        raise ValueError(f"fastscale: d has shape {tuple(d.shape)} but x has {tuple(x.shape)}")
+    return torch.linalg.vecdot(x, d), d.sum(1)

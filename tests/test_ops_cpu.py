@@ -490,6 +490,120 @@ def test_opcheck_linear_example_sq():
     torch.library.opcheck(torch.ops.fastscale.linear_example_sq.default, (a, d))
 
 
+# ---- conv_example_sq: the same for a 2-D convolution, plus each example's bias gradient.
+
+# (B, C, H, W, O, kernel, stride, padding, dilation, groups): 1x1, the bench CNN's stride-2 3x3,
+# a stride of 3 (the generic im2col loop), dilation, asymmetric kernel and padding wider than
+# the kernel reaches (whole rows of zeros), groups, a 1-high input (Conv1d), an output of one
+# position, an empty batch.
+CONV_CASES = [
+    (3, 2, 5, 4, 3, (1, 1), (1, 1), (0, 0), (1, 1), 1),
+    (4, 32, 16, 16, 64, (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    (3, 4, 11, 10, 6, (3, 2), (3, 3), (2, 1), (2, 1), 2),
+    (2, 6, 7, 9, 6, (2, 4), (1, 2), (3, 0), (1, 2), 3),
+    (5, 4, 1, 23, 6, (1, 3), (1, 2), (0, 1), (1, 2), 2),
+    (2, 3, 3, 3, 5, (3, 3), (1, 1), (0, 0), (1, 1), 1),
+    (0, 3, 8, 8, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+]
+
+
+def conv_inputs(case, dtype):
+    b, c, h, w, o, k, s, p, dil, g = case
+    x = torch.randn(b, c, h, w, dtype=dtype)
+    weight = torch.randn(o, c // g, *k, dtype=dtype)
+    d = torch.randn_like(torch.nn.functional.conv2d(x, weight, None, s, p, dil, g))
+    return x, d, weight, (list(k), list(s), list(p), list(dil), g)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_conv_example_sq(dtype, case):
+    x, d, weight, geometry = conv_inputs(case, dtype)
+    x0, d0 = x.clone(), d.clone()
+    weight_grad, sq, bias_grads = torch.ops.fastscale.conv_example_sq(x, d, *geometry)
+    want_grad, want_sq, want_bias = reference.conv_example_sq(x, d, *geometry)
+    assert torch.equal(x, x0) and torch.equal(d, d0), "the inputs are only read"
+    assert weight_grad.shape == weight.shape and sq.shape == (x.shape[0],) and bias_grads.shape == d.shape[:2]
+    assert weight_grad.dtype == sq.dtype == bias_grads.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    scale = want_grad.abs().max().item() if want_grad.numel() else 0.0
+    torch.testing.assert_close(weight_grad, want_grad, rtol=0, atol=tol * scale * max(x.shape[0], 1))
+    torch.testing.assert_close(sq, want_sq, rtol=1e-10 if dtype == torch.float64 else 2e-5, atol=0)
+    torch.testing.assert_close(bias_grads, want_bias, rtol=1e-10 if dtype == torch.float64 else 1e-5,
+                               atol=1e-5 * d.abs().sum((2, 3)).max().item() if d.numel() else 0.0)
+    if x.shape[0]:  # the weight gradient is autograd's, independently of both
+        auto = torch.ops.aten.convolution_backward(d, x, weight, None, *geometry[1:4], False, [0, 0], geometry[4],
+                                                   [False, True, False])[1]
+        torch.testing.assert_close(weight_grad, auto, rtol=0, atol=tol * 10 * scale * x.shape[0])
+    else:
+        assert not weight_grad.any()
+
+
+def test_conv_example_sq_non_contiguous():
+    x, d, _, geometry = conv_inputs((3, 4, 9, 8, 6, (3, 3), (2, 2), (1, 1), (1, 1), 2), torch.float64)
+    x_cl, d_cl = x.contiguous(memory_format=torch.channels_last), d[:, :, :, :].transpose(2, 3).contiguous().transpose(2, 3)
+    got = torch.ops.fastscale.conv_example_sq(x_cl, d_cl, *geometry)
+    want = reference.conv_example_sq(x, d, *geometry)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_example_sq_errors():
+    x, d, _, geometry = conv_inputs((2, 4, 6, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1), 2), torch.float32)
+    k, s, p, dil, g = geometry
+    cases = [
+        ((x[0], d, k, s, p, dil, g), r"input must be 4-D"),
+        ((x.double(), d, k, s, p, dil, g), r"grad_output has dtype (Float|torch.float32) but input has"),
+        ((x.half(), d.half(), k, s, p, dil, g), r"input has dtype (Half|torch.float16); supported are float32 and float64"),
+        ((x, d, [3], s, p, dil, g), r"kernel_size must be two integers >= 1"),
+        ((x, d, k, [0, 1], p, dil, g), r"stride must be two integers >= 1"),
+        ((x, d, k, s, [-1, 1], dil, g), r"padding must be two integers >= 0"),
+        ((x, d, k, s, p, dil, 3), r"groups must be >= 1 and divide"),
+        ((x, d, k, s, p, dil, 0), r"groups must be >= 1 and divide"),
+        ((x, d[:1], k, s, p, dil, g), r"input has batch 2 but grad_output has 1"),
+        ((x, d[..., :5], k, s, p, dil, g), r"but this geometry gives width 6"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fastscale.conv_example_sq(*args)
+        with pytest.raises(ValueError, match=message):
+            reference.conv_example_sq(*args)
+
+
+def test_opcheck_conv_example_sq():
+    x, d, _, geometry = conv_inputs((3, 4, 7, 6, 6, (3, 2), (2, 1), (1, 1), (1, 1), 2), torch.float32)
+    torch.library.opcheck(torch.ops.fastscale.conv_example_sq.default, (x, d, *geometry))
+
+
+# ---- row_dot_sums: (sum x d, sum d) per row in one read of each (GroupNorm's per-example sums).
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (2048, 1024), (5, 70_001), (0, 4), (3, 0)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_row_dot_sums(dtype, shape):
+    x, d = rand([shape, shape], dtype)
+    dots, sums = torch.ops.fastscale.row_dot_sums(x, d)
+    want_dots, want_sums = reference.row_dot_sums(x, d)
+    assert dots.dtype == sums.dtype == dtype and dots.shape == sums.shape == shape[:1]
+    # each sum's rounding is relative to the sum of its terms' sizes, not to the sum itself
+    eps = 1e-13 if dtype == torch.float64 else 2e-6
+    size = lambda t: t.abs().sum(1).max().item() if t.shape[0] else 0.0  # noqa: E731
+    torch.testing.assert_close(dots, want_dots, rtol=0, atol=eps * size(x * d) + 1e-30)
+    torch.testing.assert_close(sums, want_sums, rtol=0, atol=eps * size(d) + 1e-30)
+    x_t = x.t().contiguous().t()  # column-major: summed from a contiguous copy
+    torch.testing.assert_close(torch.ops.fastscale.row_dot_sums(x_t, d)[0], dots)
+
+
+def test_row_dot_sums_errors_and_opcheck():
+    x = torch.randn(3, 4)
+    for args, message in [((x[0], x), r"x must be 2-D"), ((x, x.double()), r"d has dtype (Double|torch.float64) but x"),
+                          ((x, x[:, :3]), r"d has shape"), ((x.int(), x.int()), r"x has dtype (Int|torch.int32); supported")]:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fastscale.row_dot_sums(*args)
+        with pytest.raises(ValueError, match=message):
+            reference.row_dot_sums(*args)
+    torch.library.opcheck(torch.ops.fastscale.row_dot_sums.default, (x, torch.randn(3, 4)))
+
+
 # ---- determinism: the reduction must not depend on the number of threads.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -238,15 +238,22 @@ def test_transformer_block(method, reduction, fused_linear):
     check(Block(), ids, y, token_ce, reduction, method=method, fused_linear=fused_linear)
 
 
+@pytest.mark.parametrize("sums", ["kernel", "torch"])
 @pytest.mark.parametrize("frozen", [None, "weight", "bias"])
 @pytest.mark.parametrize("offset", [0.0, 100.0])
 @pytest.mark.parametrize("stats", ["forward", "recomputed"])
-def test_group_norm_from_its_forwards_statistics(monkeypatch, stats, offset, frozen):
+def test_group_norm_from_its_forwards_statistics(monkeypatch, stats, offset, frozen, sums):
     # GroupNorm's rule takes each (example, group)'s mean and rstd from the forward (autograd
     # saved them) and never forms xhat: rstd (sum x d - mean sum d). Where they are not
     # available it recomputes xhat. Both exact, also where every group's mean is ~100x its
-    # std (the fp32 cancellation in that difference).
-    from fastscale.per_example import registry
+    # std (the fp32 cancellation in that difference). The two sums come from the CPU kernel
+    # (fastscale::row_dot_sums, one read of x and d) where it is built, else from torch.
+    from fastscale.per_example import norm, registry
+
+    rows, row_dot_sums = [], fastscale.ops.row_dot_sums
+    monkeypatch.setattr(fastscale.ops, "row_dot_sums", lambda x, d: rows.append(x.shape) or row_dot_sums(x, d))
+    if sums == "torch":
+        monkeypatch.setattr(norm, "_native_rows", lambda x, d: False)
 
     keep, kept = registry.KEEPS[nn.GroupNorm], []
 
@@ -264,6 +271,7 @@ def test_group_norm_from_its_forwards_statistics(monkeypatch, stats, offset, fro
         getattr(model.gn, frozen).requires_grad_(False)
     check(model, *cnn2d_data(), ce)
     assert kept == [stats == "forward" and frozen != "weight"]  # a frozen weight needs no statistics
+    assert len(rows) == (1 if kept[0] and sums == "kernel" and NATIVE else 0)
 
 
 @pytest.mark.parametrize("case", ["channels_last", "called_twice", "autocast_bf16"])
@@ -465,12 +473,19 @@ def fused_case(case):
     return model, x, y, seq_loss
 
 
+@pytest.mark.parametrize("form", ["held", "kernel"])
 @pytest.mark.parametrize("case", ["conv", "linear"])
-def test_fused_example_gradients_are_freed_once_reduced(case):
+def test_fused_example_gradients_are_freed_once_reduced(case, form, monkeypatch, arrivals):
     # Every example's weight gradient ([B, *weight.shape]) is needed only until its layer's
     # norms are taken: none may outlive that while the graph lives (the loss still referenced).
+    # "held": the form without the CPU kernel, which hands all B of them over.
     import gc
 
+    if form == "held":
+        monkeypatch.setattr(per_example.linear, "_native", lambda x, weight: False)
+        monkeypatch.setattr(per_example.conv, "_native_example_sq", lambda *args: None)
+    elif not NATIVE:
+        pytest.skip("the CPU kernels are not built")
     torch.manual_seed(24)
     model, x, y, loss_fn = fused_case(case)
     fused = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -485,6 +500,7 @@ def test_fused_example_gradients_are_freed_once_reduced(case):
                  if type(t) is torch.Tensor and not t.is_meta and tuple(t.shape) in shapes]
         assert alive == [], f"per-example gradients still held after their layers were reduced: {alive}"
         del loss
+    assert arrivals and set(arrivals) == {"examples" if form == "held" else "sq"}, arrivals
 
 
 def conv_grad_fns(model):
@@ -510,9 +526,11 @@ def plain_grads(model, x, y, loss_fn, create_graph=False):
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("make", [CNN2d, CNN1d, ConvEdges])
-def test_fused_conv_gradients_equal_plain_backward(make, dtype):
+def test_fused_conv_gradients_equal_plain_backward(make, dtype, arrivals):
     # The fused conv backward returns the sum of the per-example weight gradients as the
-    # weight gradient: it must equal what autograd computes without hooks.
+    # weight gradient: it must equal what autograd computes without hooks. A conv called once
+    # takes it, with its examples' norms, from the CPU kernel; ConvEdges' conv called twice
+    # hands over its examples' gradients (summed over the calls before squaring).
     torch.manual_seed(11)
     model = make().to(dtype)
     x, y = cnn1d_data() if make is CNN1d else cnn2d_data()
@@ -523,9 +541,47 @@ def test_fused_conv_gradients_equal_plain_backward(make, dtype):
         got = plain_grads(model, x, y, ce)
     # fused exactly where the weight is trainable (a frozen weight has nothing to fuse)
     assert calls and all((n == "_ConvWithExampleGradsBackward") == trainable for trainable, n in calls), calls
+    held = 2 if make is ConvEdges else 0
+    assert sorted(arrivals) == sorted(["examples"] * held + ["sq" if NATIVE else "examples"] * (len(arrivals) - held))
+    assert len(arrivals) == sum(trainable for trainable, _ in calls)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, **tol)
+
+
+class ConvBiases(nn.Module):
+    """Conv layers without a bias, with a frozen bias, and grouped with a bias; a stride-3
+    dilated one; a 2-wide output (im2col's padded edges everywhere)."""
+
+    def __init__(self):
+        super().__init__()
+        self.no_bias = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.frozen_bias = nn.Conv2d(4, 4, 3, stride=3, padding=2, dilation=2)
+        self.frozen_bias.bias.requires_grad_(False)
+        self.grouped = nn.Conv2d(4, 6, (3, 2), padding=(1, 2), groups=2)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = torch.tanh(self.frozen_bias(torch.tanh(self.no_bias(x))))
+        return self.head(torch.tanh(self.grouped(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["auto", "materialize"])
+def test_conv_kernel_takes_weight_and_bias_norms(method, arrivals):
+    # Each conv called once: the kernel's per-example weight norms plus, where the bias
+    # trains, the bias's from the kernel's per-example bias gradients (none without a bias or
+    # with it frozen); the norms equal the fp64 reference and .grad equals autograd's.
+    torch.manual_seed(25)
+    x, y = cnn2d_data()
+    model = ConvBiases()
+    want = plain_grads(copy.deepcopy(model), x, y, ce)
+    with PerExampleGradNorms(model, method=method):
+        got = plain_grads(model, x, y, ce)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    fused = arrivals.copy()
+    check(model, x, y, ce, "mean", method=method)
+    assert fused and fused == ["sq" if NATIVE else "examples"] * len(fused), fused
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")

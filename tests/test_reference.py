@@ -118,6 +118,23 @@ def test_linear_example_sq_reference_is_each_examples_gradient():
             reference.linear_example_sq(*bad)
 
 
+def test_conv_example_sq_reference_is_each_examples_gradient():
+    # The twin's sum is autograd's weight gradient; its norms and bias gradients are each
+    # example's own, from autograd run on that example alone.
+    x = torch.randn(3, 4, 9, 8, dtype=torch.float64)
+    conv = torch.nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2).double()
+    d = torch.randn_like(conv(x))
+    geometry = (list(conv.kernel_size), list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    weight_grad, sq, bias_grads = reference.conv_example_sq(x, d, *geometry)
+    per_example = [torch.autograd.grad(conv(x[i:i + 1]), [conv.weight, conv.bias], d[i:i + 1]) for i in range(3)]
+    torch.testing.assert_close(weight_grad, sum(w for w, _ in per_example))
+    torch.testing.assert_close(sq, torch.stack([w.square().sum() for w, _ in per_example]))
+    torch.testing.assert_close(bias_grads, torch.stack([b for _, b in per_example]))
+    dots, sums = reference.row_dot_sums(x.flatten(1), d[:, :, :, :].flatten(1)[:, :x[0].numel()])
+    torch.testing.assert_close(dots, (x.flatten(1) * d.flatten(1)[:, :x[0].numel()]).sum(1))
+    torch.testing.assert_close(sums, d.flatten(1)[:, :x[0].numel()].sum(1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(dtype):
     params = [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype)]

@@ -26,20 +26,11 @@ std::tuple<at::Tensor, at::Tensor> linear_example_sq_cpu(const at::Tensor& input
   at::Tensor sq = at::empty({batch}, input.options());
   if (batch == 0) return {weight_grad.zero_(), sq};
   at::Tensor example = batch > 1 ? at::empty_like(weight_grad) : weight_grad;
-  const at::ScalarType dtype = input.scalar_type();
-  const int64_t numel = weight_grad.numel();
   for (int64_t b = 0; b < batch; ++b) {
     // The first example's gradient goes straight into the weight gradient.
-    at::Tensor& target = b == 0 ? weight_grad : example;
+    at::Tensor target = b == 0 ? weight_grad : example;
     at::mm_out(target, grad_output.select(0, b).t(), input.select(0, b));
-    const cpu::ArrivalSums s =
-        b == 0 ? cpu::arrival_sums(dtype, weight_grad.const_data_ptr(), nullptr, numel, false)
-               : cpu::arrival_sums(dtype, example.const_data_ptr(), weight_grad.data_ptr(), numel, true);
-    if (dtype == at::kDouble) {
-      sq.data_ptr<double>()[b] = s.gg;
-    } else {
-      sq.data_ptr<float>()[b] = static_cast<float>(s.gg);
-    }
+    cpu::take_example(weight_grad, example, b == 0, sq, b);
   }
   return {weight_grad, sq};
 }

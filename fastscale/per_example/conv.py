@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _extension, ops
 from .common import _acc, _cat, _prefers_gram, _summed_examples_sq, _weight_sq
 from .registry import register
 
@@ -85,12 +86,30 @@ def _conv_example_grads(x: Tensor, d: Tensor, weight_shape, geometry) -> Tensor:
     return grads.view(b, *weight_shape)
 
 
+def _native_example_sq(x: Tensor, grad_out: Tensor, weight: Tensor, geometry):
+    """``(weight_grad, sq, bias_grads)`` from ``fastscale::conv_example_sq``'s CPU kernel (one
+    example's gradient at a time), or None where it has none: not the CPU, not fp32/fp64. A
+    Conv1d is a Conv2d with a 1-high kernel."""
+    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and grad_out.dtype == x.dtype
+            and weight.dtype == x.dtype and "cpu" in _extension.native_device_types()):
+        return None
+    stride, padding, dilation, groups = geometry
+    kernel = list(weight.shape[2:])
+    if x.dim() == 3:
+        x, grad_out = x.unsqueeze(2), grad_out.unsqueeze(2)
+        kernel, stride, padding, dilation = [1, *kernel], [1, *stride], [0, *padding], [1, *dilation]
+    weight_grad, sq, bias_grads = ops.conv_example_sq(x, grad_out, kernel, stride, padding, dilation, groups)
+    return weight_grad.view(weight.shape), sq, bias_grads
+
+
 class _ConvWithExampleGrads(torch.autograd.Function):
-    """``mod(x)`` whose backward computes every example's weight gradient once and returns
-    their sum as the weight gradient, instead of autograd computing the weight gradient a
-    second time. The per-example gradients go to ``call.arrive(grad_out, example_grads)``
-    (``call``: the hooks' :class:`.hooks._FusedCall`).
-    The backward is written in differentiable ops, so double backward works."""
+    """``mod(x)`` whose backward computes the weight gradient together with the examples'
+    shares of it, instead of autograd computing the weight gradient a second time. The
+    output gradient goes to ``call.arrive`` (``call``: the hooks' :class:`.hooks._FusedCall`)
+    with every example's squared norm (the call is its layer's only one: the CPU kernel, one
+    example at a time) or otherwise every example's gradient (their sum over the calls is
+    squared later). That second form is written in differentiable ops, so double backward
+    works."""
 
     @staticmethod
     def forward(x, weight, bias, geometry, call):
@@ -113,11 +132,20 @@ class _ConvWithExampleGrads(torch.autograd.Function):
             dx = torch.ops.aten.convolution_backward(
                 grad_out, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
                 [True, False, False])[0]
-        examples = _conv_example_grads(x, grad_out, weight.shape, ctx.geometry)
-        dw = examples.sum(0)
-        if ctx.needs_input_grad[2]:
-            db = grad_out.sum([0, *range(2, grad_out.dim())])
-        ctx.call.arrive(grad_out.detach(), examples.detach())
+        native = None
+        if not torch.is_grad_enabled() and ctx.call.alone():
+            native = _native_example_sq(x, grad_out, weight, ctx.geometry)
+        if native is not None:
+            (dw, sq, bias_grads), examples = native, None
+            if ctx.needs_input_grad[2]:  # the bias's share of each example's norm rides along
+                db = bias_grads.sum(0)
+                sq = sq + bias_grads.square().sum(1)
+        else:
+            examples, sq = _conv_example_grads(x, grad_out, weight.shape, ctx.geometry), None
+            dw = examples.sum(0)
+            if ctx.needs_input_grad[2]:
+                db = grad_out.sum([0, *range(2, grad_out.dim())])
+        ctx.call.arrive(grad_out.detach(), None if examples is None else examples.detach(), sq)
         return dx, dw, db, None, None
 
 
@@ -140,6 +168,8 @@ def _apply_under_autocast(function, *args):
 def _conv_sq(mod: nn.Conv1d | nn.Conv2d, uses, method: str) -> Tensor:
     b = uses[0].grad.shape[0]
     sq = _acc(uses[0].grad).new_zeros(b)
+    if len(uses) == 1 and uses[0].example_sq is not None:  # weight and bias, from the kernel
+        return sq + uses[0].example_sq
     if mod.weight.requires_grad:
         positions = sum(math.prod(u.grad.shape[2:]) for u in uses)
         fused = any(u.example_grads is not None for u in uses)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _extension, ops
 from .common import _acc
 from .registry import register
 
@@ -43,6 +44,12 @@ def _group_stats(mod: nn.GroupNorm, output: Tensor):
     return mean.detach(), rstd.detach()
 
 
+def _native_rows(x: Tensor, d: Tensor) -> bool:
+    """Whether ``fastscale::row_dot_sums`` has its CPU kernel for these (fp32/fp64 on the CPU)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and d.dtype == x.dtype
+            and "cpu" in _extension.native_device_types())
+
+
 def _group_norm_grads(mod: nn.GroupNorm, x: Tensor, d: Tensor, stats, weight: bool):
     """[B, C] each: every example's weight gradient sum_k xhat d over positions k (None unless
     ``weight``) and bias gradient sum_k d. With the forward's (mean, rstd) per (example,
@@ -52,14 +59,20 @@ def _group_norm_grads(mod: nn.GroupNorm, x: Tensor, d: Tensor, stats, weight: bo
     recomputing xhat)."""
     b, c = x.shape[:2]
     dr = d.reshape(b, c, -1)
-    sd = dr.sum(2)
+    if weight and stats is not None and _native_rows(x, d):
+        # Both sums in one read of x and d (the CPU kernel; torch needs a product and 3 passes).
+        sxd, sd = (t.reshape(b, c) for t in ops.row_dot_sums(x.reshape(b * c, -1), d.reshape(b * c, -1)))
+    else:
+        sxd, sd = None, dr.sum(2)
     if not weight:
         return None, sd
     if stats is None:
         xhat = F.group_norm(x, mod.num_groups, None, None, mod.eps)
         return xhat.mul_(d).reshape(b, c, -1).sum(2), sd
     mean, rstd = (s.to(x.dtype).reshape(b, mod.num_groups, 1) for s in stats)
-    sxd = torch.linalg.vecdot(x.reshape(b, c, -1), dr).reshape(b, mod.num_groups, -1)
+    if sxd is None:
+        sxd = torch.linalg.vecdot(x.reshape(b, c, -1), dr)
+    sxd = sxd.reshape(b, mod.num_groups, -1)
     return ((sxd - mean * sd.reshape(b, mod.num_groups, -1)) * rstd).reshape(b, c), sd
 
 
