@@ -131,20 +131,4 @@ inline ArrivalSums arrival_sums(c10::ScalarType dtype, const void* grad, void* a
   return total;
 }
 
-// One example's weight gradient `example` taken into the running sum `weight_grad` (whose first
-// example was computed into it directly: `first`, nothing to add) in one pass that also gives
-// the example's squared norm, written to sq[b] (sq: float32 or float64, like the gradients).
-inline void take_example(const at::Tensor& weight_grad, const at::Tensor& example, bool first,
-                         const at::Tensor& sq, int64_t b) {
-  const at::ScalarType dtype = weight_grad.scalar_type();
-  const int64_t numel = weight_grad.numel();
-  const ArrivalSums s = first ? arrival_sums(dtype, weight_grad.const_data_ptr(), nullptr, numel, false)
-                              : arrival_sums(dtype, example.const_data_ptr(), weight_grad.data_ptr(), numel, true);
-  if (dtype == at::kDouble) {
-    sq.data_ptr<double>()[b] = s.gg;
-  } else {
-    sq.data_ptr<float>()[b] = static_cast<float>(s.gg);
-  }
-}
-
 }  // namespace fastscale::cpu

@@ -10,28 +10,34 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/mm.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "checks.h"
-#include "cpu/chunked.h"
+#include "cpu/examples.h"
 
 namespace fastscale {
 
-std::tuple<at::Tensor, at::Tensor> linear_example_sq_cpu(const at::Tensor& input,
-                                                        const at::Tensor& grad_output) {
-  checks::check_linear_example_sq_inputs(input, grad_output);
-  const int64_t batch = input.size(0);
-  at::Tensor weight_grad = at::empty({grad_output.size(2), input.size(2)}, input.options());
+std::tuple<at::Tensor, at::Tensor> linear_example_sq_cpu(const at::Tensor& input_,
+                                                        const at::Tensor& grad_output_) {
+  checks::check_linear_example_sq_inputs(input_, grad_output_);
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor grad_output = grad_output_.contiguous();
+  const int64_t batch = input.size(0), tokens = input.size(1), in = input.size(2), out = grad_output.size(2);
+  at::Tensor weight_grad = at::empty({out, in}, input.options());
   at::Tensor sq = at::empty({batch}, input.options());
   if (batch == 0) return {weight_grad.zero_(), sq};
   at::Tensor example = batch > 1 ? at::empty_like(weight_grad) : weight_grad;
-  for (int64_t b = 0; b < batch; ++b) {
-    // The first example's gradient goes straight into the weight gradient.
-    at::Tensor target = b == 0 ? weight_grad : example;
-    at::mm_out(target, grad_output.select(0, b).t(), input.select(0, b));
-    cpu::take_example(weight_grad, example, b == 0, sq, b);
-  }
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_example_sq", [&] {
+    const scalar_t* a = input.const_data_ptr<scalar_t>();
+    const scalar_t* d = grad_output.const_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      // d_b^T a_b, [out, in]; the first example's straight into the weight gradient
+      scalar_t* target = (b == 0 ? weight_grad : example).data_ptr<scalar_t>();
+      cpu::matmul(d + b * tokens * out, /*a_t=*/true, a + b * tokens * in, /*b_t=*/false, out, in, tokens, target);
+      cpu::take_example(weight_grad, example, b == 0, sq, b);
+    }
+  });
   return {weight_grad, sq};
 }
 

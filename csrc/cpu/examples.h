@@ -1,0 +1,46 @@
+// Shared by the per-example ops (linear_example_sq_cpu.cpp, conv_example_sq_cpu.cpp), which form
+// one example's weight gradient at a time: a matmul on raw buffers, and the pass that adds the
+// example into the weight gradient and takes its squared norm.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+
+#include "cpu/chunked.h"
+
+namespace fastscale::cpu {
+
+// Row-major, contiguous: c [m, n] = a' [m, k] b' [k, n], where a' is a stored [m, k] (or its
+// transpose stored [k, m] when a_t) and b' is b stored [k, n] (or [n, k] when b_t). Through
+// at::mm on views of the buffers: libtorch does not export its BLAS wrapper, and at::mm on
+// these strides calls BLAS without copies.
+template <typename T>
+void matmul(const T* a, bool a_t, const T* b, bool b_t, int64_t m, int64_t n, int64_t k, T* c) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto view = [&](const T* p, bool t, int64_t rows, int64_t cols) {
+    at::Tensor stored = at::from_blob(const_cast<T*>(p), t ? at::IntArrayRef{cols, rows} : at::IntArrayRef{rows, cols},
+                                      options);
+    return t ? stored.t() : stored;
+  };
+  at::Tensor out = at::from_blob(c, {m, n}, options);
+  at::mm_out(out, view(a, a_t, m, k), view(b, b_t, k, n));
+}
+
+// One example's weight gradient `example` taken into the running sum `weight_grad` (whose first
+// example was computed into it directly: `first`, nothing to add) in one pass that also gives
+// the example's squared norm, written to sq[b] (sq: float32 or float64, like the gradients).
+inline void take_example(const at::Tensor& weight_grad, const at::Tensor& example, bool first,
+                         const at::Tensor& sq, int64_t b) {
+  const at::ScalarType dtype = weight_grad.scalar_type();
+  const int64_t numel = weight_grad.numel();
+  const ArrivalSums s = first ? arrival_sums(dtype, weight_grad.const_data_ptr(), nullptr, numel, false)
+                              : arrival_sums(dtype, example.const_data_ptr(), weight_grad.data_ptr(), numel, true);
+  if (dtype == at::kDouble) {
+    sq.data_ptr<double>()[b] = s.gg;
+  } else {
+    sq.data_ptr<float>()[b] = static_cast<float>(s.gg);
+  }
+}
+
+}  // namespace fastscale::cpu
