@@ -32,7 +32,7 @@ _lib.define(
 )
 
 _lib.define("arrival_norms_(Tensor(a!) out, Tensor grad, Tensor(b!)? accumulated, *, bool add=False) -> ()")
-_lib.define("linear_example_sq(Tensor input, Tensor grad_output) -> (Tensor, Tensor)")
+_lib.define("linear_example_sq(Tensor input, Tensor grad_output) -> (Tensor, Tensor, Tensor)")
 _lib.define("conv_example_sq(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, "
             "int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)")
 
@@ -64,7 +64,8 @@ def _arrival_norms_fake(out, grad, accumulated, *, add=False):
 
 @torch.library.register_fake("fastscale::linear_example_sq")
 def _linear_example_sq_fake(input, grad_output):
-    return input.new_empty(grad_output.shape[-1], input.shape[-1]), input.new_empty(input.shape[0])
+    return (input.new_empty(grad_output.shape[-1], input.shape[-1]), input.new_empty(input.shape[0]),
+            input.new_empty(input.shape[0], grad_output.shape[-1]))
 
 
 @torch.library.register_fake("fastscale::conv_example_sq")
@@ -93,7 +94,7 @@ def arrival_norms_(out, grad, accumulated, *, add=False) -> None:
     torch.ops.fastscale.arrival_norms_(out, grad, accumulated, add=add)
 
 
-def linear_example_sq(input, grad_output) -> tuple[Tensor, Tensor]:
+def linear_example_sq(input, grad_output) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.ops.fastscale.linear_example_sq``; see :func:`fastscale.reference.linear_example_sq`."""
     return torch.ops.fastscale.linear_example_sq(input, grad_output)
 

@@ -168,11 +168,13 @@ def arrival_norms_(out: Tensor, grad: Tensor, accumulated: Tensor | None, *, add
     out.copy_(sums)
 
 
-def linear_example_sq(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
-    r"""A Linear layer's weight gradient and every example's share of it, squared::
+def linear_example_sq(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""A Linear layer's weight gradient, every example's share of it squared, and every
+    example's bias gradient::
 
-        weight_grad = sum_b grad_output[b]^T input[b]        [d_out, d_in]
-        sq[b]       = |grad_output[b]^T input[b]|^2            [B]
+        weight_grad   = sum_b grad_output[b]^T input[b]        [d_out, d_in]
+        sq[b]         = |grad_output[b]^T input[b]|^2            [B]
+        bias_grads[b] = sum_t grad_output[b, t]                  [B, d_out]
 
     for ``input`` [B, T, d_in] and ``grad_output`` [B, T, d_out] of one dtype (float32 or
     float64), computed in that dtype. Here all B gradients are formed at once (B d_in d_out
@@ -191,7 +193,7 @@ def linear_example_sq(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tenso
         raise ValueError(f"fastscale: input has shape {tuple(input.shape)} and grad_output {tuple(grad_output.shape)}; "
                          "they must agree in batch and tokens (dims 0 and 1)")
     examples = torch.bmm(grad_output.transpose(1, 2), input)
-    return examples.sum(0), examples.flatten(1).square().sum(1)
+    return examples.sum(0), examples.flatten(1).square().sum(1), grad_output.sum(1)
 
 
 def conv_example_sq(input: Tensor, grad_output: Tensor, kernel_size, stride, padding, dilation,

@@ -439,10 +439,12 @@ def example_inputs(shape, dtype, layout="contiguous"):
 def test_linear_example_sq(dtype, shape):
     a, d = example_inputs(shape, dtype)
     a0, d0 = a.clone(), d.clone()
-    weight_grad, sq = torch.ops.fastscale.linear_example_sq(a, d)
-    want_grad, want_sq = reference.linear_example_sq(a, d)
-    assert weight_grad.dtype == sq.dtype == dtype and weight_grad.shape == (shape[3], shape[2])
-    assert sq.shape == (shape[0],)
+    weight_grad, sq, bias_grads = torch.ops.fastscale.linear_example_sq(a, d)
+    want_grad, want_sq, want_bias = reference.linear_example_sq(a, d)
+    assert weight_grad.dtype == sq.dtype == bias_grads.dtype == dtype and weight_grad.shape == (shape[3], shape[2])
+    assert sq.shape == (shape[0],) and bias_grads.shape == (shape[0], shape[3])
+    torch.testing.assert_close(bias_grads, want_bias, rtol=0,
+                               atol=(1e-12 if dtype == torch.float64 else 2e-6) * max(shape[1], 1) * 5)
     assert torch.equal(a, a0) and torch.equal(d, d0), "the inputs are only read"
     # The weight gradient sums B matmuls in another order than one bmm + sum: relative to its
     # largest entry. The norms: the kernel's double sum of an fp32 gradient against torch's.
@@ -455,16 +457,16 @@ def test_linear_example_sq(dtype, shape):
         g = d[i].double().t() @ a[i].double()
         torch.testing.assert_close(want_sq[i].double(), g.square().sum(), rtol=1e-5, atol=1e-12)
     if shape[1] == 0 or shape[0] == 0:
-        assert not weight_grad.any() and not sq.any()
+        assert not weight_grad.any() and not sq.any() and not bias_grads.any()
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided_features"])
 def test_linear_example_sq_layouts(layout):
     a, d = example_inputs((5, 6, 30, 20), torch.float64, layout)
-    weight_grad, sq = torch.ops.fastscale.linear_example_sq(a, d)
-    want_grad, want_sq = reference.linear_example_sq(a.contiguous(), d.contiguous())
-    torch.testing.assert_close(weight_grad, want_grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sq, want_sq, rtol=1e-12, atol=0)
+    got = torch.ops.fastscale.linear_example_sq(a, d)
+    want = reference.linear_example_sq(a.contiguous(), d.contiguous())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 def test_linear_example_sq_errors():

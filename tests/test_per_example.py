@@ -584,6 +584,24 @@ def test_conv_kernel_takes_weight_and_bias_norms(method, arrivals):
     assert fused and fused == ["sq" if NATIVE else "examples"] * len(fused), fused
 
 
+@pytest.mark.parametrize("method", ["auto", "materialize"])
+def test_linear_kernel_takes_weight_and_bias_norms(method, arrivals):
+    # Sequence Linear layers called once, without a bias, with a frozen bias and with one: the
+    # kernel's per-example weight norms plus, where the bias trains, the bias's.
+    torch.manual_seed(26)
+    model = nn.Sequential(nn.Linear(6, 12, bias=False), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+    model[2].bias.requires_grad_(False)
+    x, y = seq_data()
+    want = plain_grads(copy.deepcopy(model), x, y, seq_loss)
+    with PerExampleGradNorms(model, method=method):
+        got = plain_grads(model, x, y, seq_loss)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    fused = arrivals.copy()
+    check(model, x, y, seq_loss, "sum", method=method)
+    assert len(fused) == 3 and fused == ["sq" if NATIVE else "examples"] * 3, fused
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_conv_edges_norms():
     torch.manual_seed(12)

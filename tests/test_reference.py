@@ -110,8 +110,9 @@ def test_linear_example_sq_reference_is_each_examples_gradient():
     out = torch.nn.functional.linear(a, weight)
     d = torch.randn_like(out)
     out.backward(d)
-    weight_grad, sq = reference.linear_example_sq(a, d)
+    weight_grad, sq, bias_grads = reference.linear_example_sq(a, d)
     torch.testing.assert_close(weight_grad, weight.grad)
+    torch.testing.assert_close(bias_grads, d.sum(1))
     torch.testing.assert_close(sq, torch.stack([(d[i].t() @ a[i]).square().sum() for i in range(5)]))
     for bad in [(a[0], d), (a.float(), d), (a, d[:, :3])]:
         with pytest.raises(ValueError):

@@ -64,18 +64,6 @@ void im2col(const T* xp, const ConvGeometry& g, T* patches) {
   }
 }
 
-// out[r] = sum of row r of a contiguous [rows, n] array, in the array's dtype as torch's sum.
-template <typename T>
-void row_sums(const T* x, int64_t rows, int64_t n, T* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = x + r * n;
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < n; ++k) s += row[k];
-    out[r] = s;
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_example_sq_cpu(const at::Tensor& input_, const at::Tensor& grad_output_,
@@ -118,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_example_sq_cpu(const at::Ten
                     /*b_t=*/true, out_per_group, in_per_group, positions, target + k * out_per_group * in_per_group);
       }
       cpu::take_example(weight_grad, example, b == 0, sq, b);
-      row_sums(d, out_channels, positions, bias_grads.data_ptr<scalar_t>() + b * out_channels);
+      cpu::row_sums(d, out_channels, positions, bias_grads.data_ptr<scalar_t>() + b * out_channels);
     }
   });
   return {weight_grad, sq, bias_grads};

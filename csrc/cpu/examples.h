@@ -43,4 +43,30 @@ inline void take_example(const at::Tensor& weight_grad, const at::Tensor& exampl
   }
 }
 
+// One example's bias gradient, its output gradient summed over positions, taken while that is in
+// cache after the example's matmul: out[r] = sum of row r of a contiguous [rows, n] array
+// (a conv's [C_out, positions]) ...
+template <typename T>
+void row_sums(const T* x, int64_t rows, int64_t n, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * n;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) s += row[k];
+    out[r] = s;
+  }
+}
+
+
+// ... or out[c] = sum of column c of a contiguous [rows, n] array (a Linear's [tokens, d_out]).
+template <typename T>
+void column_sums(const T* x, int64_t rows, int64_t n, T* out) {
+  for (int64_t c = 0; c < n; ++c) out[c] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * n;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) out[c] += row[c];
+  }
+}
+
 }  // namespace fastscale::cpu

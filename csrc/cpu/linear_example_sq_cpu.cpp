@@ -18,7 +18,7 @@
 
 namespace fastscale {
 
-std::tuple<at::Tensor, at::Tensor> linear_example_sq_cpu(const at::Tensor& input_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_example_sq_cpu(const at::Tensor& input_,
                                                         const at::Tensor& grad_output_) {
   checks::check_linear_example_sq_inputs(input_, grad_output_);
   const at::Tensor input = input_.contiguous();
@@ -26,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor> linear_example_sq_cpu(const at::Tensor& input
   const int64_t batch = input.size(0), tokens = input.size(1), in = input.size(2), out = grad_output.size(2);
   at::Tensor weight_grad = at::empty({out, in}, input.options());
   at::Tensor sq = at::empty({batch}, input.options());
-  if (batch == 0) return {weight_grad.zero_(), sq};
+  at::Tensor bias_grads = at::empty({batch, out}, input.options());
+  if (batch == 0) return {weight_grad.zero_(), sq, bias_grads};
   at::Tensor example = batch > 1 ? at::empty_like(weight_grad) : weight_grad;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_example_sq", [&] {
     const scalar_t* a = input.const_data_ptr<scalar_t>();
@@ -36,9 +37,10 @@ std::tuple<at::Tensor, at::Tensor> linear_example_sq_cpu(const at::Tensor& input
       scalar_t* target = (b == 0 ? weight_grad : example).data_ptr<scalar_t>();
       cpu::matmul(d + b * tokens * out, /*a_t=*/true, a + b * tokens * in, /*b_t=*/false, out, in, tokens, target);
       cpu::take_example(weight_grad, example, b == 0, sq, b);
+      cpu::column_sums(d + b * tokens * out, tokens, out, bias_grads.data_ptr<scalar_t>() + b * out);
     }
   });
-  return {weight_grad, sq};
+  return {weight_grad, sq, bias_grads};
 }
 
 }  // namespace fastscale

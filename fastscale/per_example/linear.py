@@ -54,8 +54,8 @@ class _LinearWithExampleGrads(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` whose backward computes the weight gradient together with
     the examples' shares of it, so autograd does not compute it a second time. ``call`` is the
     hooks' record of this call (:class:`.hooks._FusedCall`), which gets the output gradient and
-    either every example's squared norm (the call is its layer's only one: the CPU kernel,
-    one example at a time), or every example's gradient (their sum over the calls is squared
+    either every example's squared norm, weight and bias (the call is its layer's only one: the
+    CPU kernel, one example at a time), or every example's gradient (their sum over the calls is squared
     later; only where ``call.holds`` them), or neither (the rule then works from the output
     gradient, as for an unfused call). The held and the plain forms are written in
     differentiable ops, so double backward works."""
@@ -79,20 +79,26 @@ class _LinearWithExampleGrads(torch.autograd.Function):
             dx = grad_out.matmul(weight)
         a, d = _tokens(x), _tokens(grad_out)
         if not torch.is_grad_enabled() and _native(x, weight) and grad_out.dtype == x.dtype and call.alone():
-            dw, sq = ops.linear_example_sq(a, d)
-        elif call.holds:
-            examples = _example_grads(x, grad_out)
-            dw = examples.sum(0)
-        else:  # autograd's own weight gradient
-            dw = d.flatten(0, 1).t().mm(a.flatten(0, 1))
-        if ctx.needs_input_grad[2]:
-            db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            dw, sq, bias_grads = ops.linear_example_sq(a, d)
+            if ctx.needs_input_grad[2]:  # the bias's share of each example's norm rides along
+                db = bias_grads.sum(0)
+                sq = sq + bias_grads.square().sum(1)
+        else:
+            if call.holds:
+                examples = _example_grads(x, grad_out)
+                dw = examples.sum(0)
+            else:  # autograd's own weight gradient
+                dw = d.flatten(0, 1).t().mm(a.flatten(0, 1))
+            if ctx.needs_input_grad[2]:
+                db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         call.arrive(grad_out.detach(), None if examples is None else examples.detach(), sq)
         return dx, dw, db, None
 
 
 @register(nn.Linear)
 def _linear_sq(mod: nn.Linear, uses, method: str) -> Tensor:
+    if len(uses) == 1 and uses[0].example_sq is not None:  # weight and bias, from the kernel
+        return uses[0].example_sq
     weight = mod.weight.requires_grad
     bias = mod.bias is not None and mod.bias.requires_grad
     if len(uses) == 1 and uses[0].args[0].dim() == 2:
@@ -104,9 +110,7 @@ def _linear_sq(mod: nn.Linear, uses, method: str) -> Tensor:
         return d2 * (a2 + 1) if bias else d2 * a2
     d = _cat([_tokens(_acc(u.grad)) for u in uses], dim=1)
     sq = d.new_zeros(d.shape[0])
-    if weight and len(uses) == 1 and uses[0].example_sq is not None:
-        sq = sq + uses[0].example_sq
-    elif weight and any(u.example_grads is not None for u in uses):
+    if weight and any(u.example_grads is not None for u in uses):
         sq = sq + _summed_examples_sq(uses, lambda u: _example_grads(_acc(u.args[0]), _acc(u.grad)))
     elif weight:
         a = _cat([_tokens(_acc(u.args[0])) for u in uses], dim=1)
