@@ -1,20 +1,23 @@
 """Cost of per-example squared gradient norms: plain backward vs PerExampleGradNorms vs Opacus.
 
-Run:  FASTSCALE_NO_NATIVE=1 PYTHONPATH=$PWD python -m pytest bench/bench_per_example.py
+Run:  PYTHONPATH=$PWD python -m pytest bench/bench_per_example.py
       (pytest-benchmark table; peak memory goes into each row's extra_info, --benchmark-json)
       add --benchmark-timer time.process_time on a shared, loaded machine (CPU time of the
       process, all threads, instead of wall-clock)
-or:   FASTSCALE_NO_NATIVE=1 PYTHONPATH=$PWD python bench/bench_per_example.py [threads]
+or:   PYTHONPATH=$PWD python bench/bench_per_example.py [threads] [mlp|cnn|transformer ...]
       (summary table: candidates interleaved round by round, median and min wall-clock)
+The compiled CPU kernels must be built (pip install -e . or setup.py build_ext --inplace): with
+FASTSCALE_NO_NATIVE=1 the fused layers fall back to their pure-torch forms.
 
 What is timed: the backward pass only (the forward runs in the untimed setup), plus whatever
 the candidate needs to turn its hooks' output into a [B] vector of squared norms:
   plain      loss.backward()
   fastscale  loss.backward(); norms.squared_norms()
   fastscale-unfused
-             the same with fused_conv=False, fused_linear=False (conv layers and Linear layers
-             on sequences keep their own forward/backward, the per-example weight gradients
-             are computed on top; differs on the CNN and the transformer)
+             the same with fused_conv=False, fused_linear=False, fused_group_norm=False
+             (conv, GroupNorm and Linear layers on sequences keep their own forward/backward,
+             the per-example gradients are computed on top; differs on the CNN and the
+             transformer)
   opacus     loss.backward() through opacus.GradSampleModule (materialises p.grad_sample,
              [B, *p.shape] per parameter); then sum_p |grad_sample_p|^2 per example.
 All candidates start from the same weights and inputs. Opacus is optional: if it does not
@@ -130,7 +133,8 @@ def make_step(case: str, candidate: str):
             return sum(p.grad_sample.flatten(1).square().sum(1) for p in params)
     elif candidate.startswith("fastscale"):
         fused = candidate == "fastscale"
-        norms = PerExampleGradNorms(model, loss_reduction="mean", fused_conv=fused, fused_linear=fused)
+        norms = PerExampleGradNorms(model, loss_reduction="mean", fused_conv=fused, fused_linear=fused,
+                                    fused_group_norm=fused)
         reduce = norms.squared_norms
     else:
         reduce = None

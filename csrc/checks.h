@@ -230,4 +230,19 @@ inline void check_row_dot_sums_inputs(const at::Tensor& x, const at::Tensor& d) 
   TORCH_CHECK(x.sizes() == d.sizes(), "fastscale: d has shape ", d.sizes(), " but x has ", x.sizes());
 }
 
+// Every input of fastscale::row_affine: d and x as for row_dot_sums, a, b and c 1-D, one per row,
+// of the same dtype and device.
+inline void check_row_affine_inputs(const at::Tensor& d, const at::Tensor& x, const at::Tensor& a,
+                                    const at::Tensor& b, const at::Tensor& c) {
+  check_row_dot_sums_inputs(x, d);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"a", a}, {"b", b}, {"c", c}}) {
+    TORCH_CHECK(t.defined() && t.layout() == at::kStrided, "fastscale: ", name, " must be a dense tensor");
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), "fastscale: ", name, " must be 1-D with one element per row (",
+                x.size(0), "), got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastscale: ", name, " has dtype ", t.scalar_type(),
+                " but x has ", x.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), "fastscale: ", name, " is on ", t.device(), " but x is on ", x.device());
+  }
+}
+
 }  // namespace fastscale::checks

@@ -40,8 +40,10 @@ _lib.impl("fused_sgd_", reference.fused_sgd_, "CompositeExplicitAutograd")
 _lib.impl("accumulate_grad_", reference.accumulate_grad_, "CompositeExplicitAutograd")
 _lib.impl("arrival_norms_", reference.arrival_norms_, "CompositeExplicitAutograd")
 _lib.define("row_dot_sums(Tensor x, Tensor d) -> (Tensor, Tensor)")
+_lib.define("row_affine(Tensor d, Tensor x, Tensor a, Tensor b, Tensor c) -> Tensor")
 _lib.impl("linear_example_sq", reference.linear_example_sq, "CompositeExplicitAutograd")
 _lib.impl("row_dot_sums", reference.row_dot_sums, "CompositeExplicitAutograd")
+_lib.impl("row_affine", reference.row_affine, "CompositeExplicitAutograd")
 _lib.impl("conv_example_sq", reference.conv_example_sq, "CompositeExplicitAutograd")
 
 
@@ -79,6 +81,11 @@ def _row_dot_sums_fake(x, d):
     return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
 
 
+@torch.library.register_fake("fastscale::row_affine")
+def _row_affine_fake(d, x, a, b, c):
+    return x.new_empty(x.shape)
+
+
 def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> Tensor:
     """``torch.ops.fastscale.fused_sgd_``; see :func:`fastscale.reference.fused_sgd_`."""
     return torch.ops.fastscale.fused_sgd_(params, grads, momentum_buffers, **kwargs)
@@ -107,6 +114,11 @@ def conv_example_sq(input, grad_output, kernel_size, stride, padding, dilation, 
 def row_dot_sums(x, d) -> tuple[Tensor, Tensor]:
     """``torch.ops.fastscale.row_dot_sums``; see :func:`fastscale.reference.row_dot_sums`."""
     return torch.ops.fastscale.row_dot_sums(x, d)
+
+
+def row_affine(d, x, a, b, c) -> Tensor:
+    """``torch.ops.fastscale.row_affine``; see :func:`fastscale.reference.row_affine`."""
+    return torch.ops.fastscale.row_affine(d, x, a, b, c)
 
 
 # DTensors (FSDP2, tensor parallelism): every op runs on the local shards and returns local

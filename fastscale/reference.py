@@ -254,3 +254,20 @@ def row_dot_sums(x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     if d.shape != x.shape:
         raise ValueError(f"fastscale: d has shape {tuple(d.shape)} but x has {tuple(x.shape)}")
     return torch.linalg.vecdot(x, d), d.sum(1)
+
+
+def row_affine(d: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    r"""``a[r] d[r, k] + b[r] x[r, k] + c[r]`` for d, x [R, N] and a, b, c [R], of one dtype
+    (float32 or float64): GroupNorm's input gradient, one row per (example, channel)."""
+    row_dot_sums(x[:, :0], d[:, :0])  # the same checks of x and d, but for their widths
+    if d.shape != x.shape:
+        raise ValueError(f"fastscale: d has shape {tuple(d.shape)} but x has {tuple(x.shape)}")
+    for name, t in (("a", a), ("b", b), ("c", c)):
+        if t.dim() != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"fastscale: {name} must be 1-D with one element per row ({x.shape[0]}), got shape "
+                             f"{tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"fastscale: {name} has dtype {t.dtype} but x has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"fastscale: {name} is on {t.device} but x is on {x.device}")
+    return a.unsqueeze(1) * d + b.unsqueeze(1) * x + c.unsqueeze(1)

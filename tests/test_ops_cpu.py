@@ -577,7 +577,8 @@ def test_opcheck_conv_example_sq():
     torch.library.opcheck(torch.ops.fastscale.conv_example_sq.default, (x, d, *geometry))
 
 
-# ---- row_dot_sums: (sum x d, sum d) per row in one read of each (GroupNorm's per-example sums).
+# ---- row_dot_sums: (sum x d, sum d) per row in one read of each (GroupNorm's per-example sums);
+# row_affine: a d + b x + c per row (GroupNorm's input gradient).
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (2048, 1024), (5, 70_001), (0, 4), (3, 0)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -593,6 +594,36 @@ def test_row_dot_sums(dtype, shape):
     torch.testing.assert_close(sums, want_sums, rtol=0, atol=eps * size(d) + 1e-30)
     x_t = x.t().contiguous().t()  # column-major: summed from a contiguous copy
     torch.testing.assert_close(torch.ops.fastscale.row_dot_sums(x_t, d)[0], dots)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (2048, 1024), (5, 70_001), (0, 4), (3, 0)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_row_affine(dtype, shape):
+    d, x = rand([shape, shape], dtype)
+    a, b, c = rand([shape[:1]] * 3, dtype)
+    got = torch.ops.fastscale.row_affine(d, x, a, b, c)
+    assert got.dtype == dtype and got.shape == shape
+    # elementwise, two products and two sums each: a few ulps of its terms' sizes
+    size = (a.unsqueeze(1) * d).abs() + (b.unsqueeze(1) * x).abs() + c.abs().unsqueeze(1)
+    diff = (got - reference.row_affine(d, x, a, b, c)).abs()
+    assert (diff <= 4 * torch.finfo(dtype).eps * size).all()
+    if shape[0] > 1 and shape[1]:  # each row its own coefficients
+        assert not torch.equal(got, reference.row_affine(d, x, a.flip(0), b, c))
+    d_t = d.t().contiguous().t()
+    torch.testing.assert_close(torch.ops.fastscale.row_affine(d_t, x, a, b, c), got, rtol=0, atol=0)
+
+
+def test_row_affine_errors_and_opcheck():
+    d, x, a = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3)
+    for args, message in [((d, x, a[:2], a, a), r"a must be 1-D with one element per row \(3\)"),
+                          ((d, x, a, a.double(), a), r"b has dtype (Double|torch.float64) but x has"),
+                          ((d, x, a, a, a.reshape(3, 1)), r"c must be 1-D"),
+                          ((d[:, :3], x, a, a, a), r"d has shape"), ((d, x.double(), a, a, a), r"d has dtype")]:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fastscale.row_affine(*args)
+        with pytest.raises(ValueError, match=message):
+            reference.row_affine(*args)
+    torch.library.opcheck(torch.ops.fastscale.row_affine.default, (d, x, a, torch.randn(3), torch.randn(3)))
 
 
 def test_row_dot_sums_errors_and_opcheck():

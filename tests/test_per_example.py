@@ -269,7 +269,7 @@ def test_group_norm_from_its_forwards_statistics(monkeypatch, stats, offset, fro
         model.c1.bias.add_(offset * model.c1(cnn2d_data()[0]).std())
     if frozen:
         getattr(model.gn, frozen).requires_grad_(False)
-    check(model, *cnn2d_data(), ce)
+    check(model, *cnn2d_data(), ce, fused_group_norm=False)  # the hooked rule (fused: test_fused_group_norm)
     assert kept == [stats == "forward" and frozen != "weight"]  # a frozen weight needs no statistics
     assert len(rows) == (1 if kept[0] and sums == "kernel" and NATIVE else 0)
 
@@ -305,7 +305,7 @@ def test_group_norm_statistics_path_equals_the_recompute(monkeypatch, case):
             return got
 
         monkeypatch.setitem(registry.KEEPS, nn.GroupNorm, spy)
-        norms = PerExampleGradNorms(model)
+        norms = PerExampleGradNorms(model, fused_group_norm=False)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast_bf16"):
             out = model(x)
@@ -537,7 +537,7 @@ def test_fused_conv_gradients_equal_plain_backward(make, dtype, arrivals):
     x = x.to(dtype)
     want = plain_grads(copy.deepcopy(model), x, y, ce)
     calls = conv_grad_fns(model)
-    with PerExampleGradNorms(model, method="materialize"):
+    with PerExampleGradNorms(model, method="materialize", fused_group_norm=False):
         got = plain_grads(model, x, y, ce)
     # fused exactly where the weight is trainable (a frozen weight has nothing to fuse)
     assert calls and all((n == "_ConvWithExampleGradsBackward") == trainable for trainable, n in calls), calls
@@ -600,6 +600,59 @@ def test_linear_kernel_takes_weight_and_bias_norms(method, arrivals):
     fused = arrivals.copy()
     check(model, x, y, seq_loss, "sum", method=method)
     assert len(fused) == 3 and fused == ["sq" if NATIVE else "examples"] * 3, fused
+
+
+class GroupNorms(nn.Module):
+    """GroupNorm calls: on a conv's output and called a second time, with a frozen bias, with a
+    frozen weight (not fused: nothing of the weight to compute), and on a 3-D input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.frozen_bias = nn.GroupNorm(4, 8)
+        self.frozen_bias.bias.requires_grad_(False)
+        self.frozen_weight = nn.GroupNorm(1, 8)
+        self.frozen_weight.weight.requires_grad_(False)
+        self.c1d = nn.Conv1d(8, 6, 3)
+        self.gn1d = nn.GroupNorm(3, 6)
+        self.head = nn.Linear(6, 5)
+        with torch.no_grad():  # affine parameters away from their initial 1 and 0
+            for m in self.modules():
+                if isinstance(m, nn.GroupNorm):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = torch.relu(self.gn(self.conv(x)))
+        h = torch.tanh(self.frozen_weight(torch.tanh(self.frozen_bias(torch.relu(self.gn(h))))))
+        return self.head(torch.tanh(self.gn1d(self.c1d(h.flatten(2)))).mean(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_group_norm(dtype):
+    # On the CPU a GroupNorm whose weight trains runs the fused backward: the input, weight and
+    # bias gradients equal autograd's, and the norms (from the first pass's sums) the reference.
+    torch.manual_seed(27)
+    model = GroupNorms().to(dtype)
+    x, y = cnn2d_data()
+    x = x.to(dtype)
+    want = plain_grads(copy.deepcopy(model), x, y, ce)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.register_forward_hook(lambda mod, args, out: calls.append(type(out.grad_fn).__name__))
+    with PerExampleGradNorms(model):
+        got = plain_grads(model, x, y, ce)
+    fused = "_GroupNormWithExampleGradsBackward"
+    # gn twice, frozen_bias, gn1d fused; frozen_weight hooked
+    assert calls == ([fused, fused, fused, "NativeGroupNormBackward0", fused] if NATIVE else
+                     ["NativeGroupNormBackward0"] * 5), calls
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+    check(model, x, y, ce)
+    check(model, x, y, ce, fused_group_norm=False)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")

@@ -50,6 +50,63 @@ def _native_rows(x: Tensor, d: Tensor) -> bool:
             and "cpu" in _extension.native_device_types())
 
 
+def _group_norm_fuses(mod: nn.GroupNorm, x: Tensor) -> bool:
+    """Whether a GroupNorm call runs through :class:`_GroupNormWithExampleGrads`: its weight
+    trains, and the CPU kernels take x as it is (contiguous fp32/fp64, no autocast)."""
+    return (mod.weight is not None and mod.weight.requires_grad and x.dim() >= 2 and x.is_contiguous()
+            and mod.weight.dtype == x.dtype and _native_rows(x, x) and not torch.is_autocast_enabled("cpu"))
+
+
+class _GroupNormWithExampleGrads(torch.autograd.Function):
+    """``F.group_norm(x, groups, weight, bias, eps)`` whose backward makes torch's two passes
+    itself (fastscale::row_dot_sums, then fastscale::row_affine for the input gradient), so the
+    per-example gradients of weight and bias, which come from the first pass's sums, cost no
+    pass of their own. They go to ``call.arrive`` as the call's example gradients ([B, C]
+    each; ``call``: the hooks' :class:`.hooks._FusedCall`). A backward that builds a graph
+    (double backward) differentiates a recomputed ``F.group_norm`` instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, call):
+        n, c = x.shape[:2]
+        out, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x[0, 0].numel(), groups, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.groups, ctx.eps, ctx.call = groups, eps, call
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c, g = x.shape[0], x.shape[1], ctx.groups
+        hw = x[0, 0].numel()
+        if torch.is_grad_enabled():  # double backward: autograd's own backward of group_norm
+            wanted = [t for t, need in zip((x, weight), ctx.needs_input_grad[:2]) if need]
+            with torch.enable_grad():
+                grads = iter(torch.autograd.grad(F.group_norm(x, g, weight, None, ctx.eps), wanted, grad_out,
+                                                 create_graph=True))
+            dx, dw = (next(grads) if need else None for need in ctx.needs_input_grad[:2])
+            db = grad_out.sum([0, *range(2, grad_out.dim())])
+            with torch.no_grad():
+                sxd, sd = torch.linalg.vecdot(x.reshape(n, c, hw), grad_out.reshape(n, c, hw)), grad_out.reshape(n, c, hw).sum(2)
+        else:
+            sxd, sd = (t.view(n, c) for t in ops.row_dot_sums(x.view(n * c, hw), grad_out.reshape(n * c, hw)))
+        # each example's weight gradient: rstd (sum x d - mean sum d) per (example, channel)
+        mean_, rstd_ = mean.view(n, g, 1).to(sxd.dtype), rstd.view(n, g, 1).to(sxd.dtype)
+        w_rows = ((sxd.view(n, g, -1) - mean_ * sd.view(n, g, -1)) * rstd_).view(n, c)
+        if not torch.is_grad_enabled():
+            # the input gradient, as torch's kernel forms it: rstd w d + c2 x + c3 per (example, group)
+            gamma, scale = weight.view(1, g, -1), 1.0 / (c // g * hw)
+            ds = (sxd.view(n, g, -1) * gamma).sum(2, keepdim=True)
+            dbias = (sd.view(n, g, -1) * gamma).sum(2, keepdim=True)
+            c2 = (dbias * mean_ - ds) * rstd_ ** 3 * scale
+            c3 = -c2 * mean_ - dbias * rstd_ * scale
+            coeff = [t.expand(n, g, c // g).reshape(n * c) for t in (rstd_ * gamma, c2, c3)]
+            dx = ops.row_affine(grad_out.reshape(n * c, hw), x.view(n * c, hw), *coeff).view_as(x)
+            dw, db = w_rows.sum(0), sd.sum(0)
+        ctx.call.arrive(grad_out.detach(), (w_rows.detach(), sd.detach()))
+        return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
+                db if ctx.needs_input_grad[2] else None, None, None, None)
+
+
 def _group_norm_grads(mod: nn.GroupNorm, x: Tensor, d: Tensor, stats, weight: bool):
     """[B, C] each: every example's weight gradient sum_k xhat d over positions k (None unless
     ``weight``) and bias gradient sum_k d. With the forward's (mean, rstd) per (example,
@@ -85,7 +142,10 @@ def _norm_sq(mod: nn.Module, uses, method: str = "auto") -> Tensor:
     for u in uses:
         x, d = _acc(u.args[0]), _acc(u.grad)
         if isinstance(mod, nn.GroupNorm):
-            w_rows, b_rows = _group_norm_grads(mod, x, d, u.kept, weight)
+            if u.example_grads is not None:  # a fused call: its backward formed them
+                w_rows, b_rows = u.example_grads
+            else:
+                w_rows, b_rows = _group_norm_grads(mod, x, d, u.kept, weight)
             gw, gb = (gw + w_rows if weight else 0), (gb + b_rows if bias else 0)
             continue
         k = math.prod(mod.normalized_shape)
