@@ -577,6 +577,25 @@ def test_opcheck_conv_example_sq():
     torch.library.opcheck(torch.ops.fastscale.conv_example_sq.default, (x, d, *geometry))
 
 
+def test_example_norms_independent_of_thread_count():
+    # Each example is computed whole by one thread: its norm (and bias gradient) is the same for
+    # any number of threads. The weight gradient sums the threads' blocks: rounding only.
+    a, d = example_inputs((7, 9, 30, 20), torch.float32)
+    x, dc, _, geometry = conv_inputs((7, 4, 9, 8, 6, (3, 3), (2, 2), (1, 1), (1, 1), 2), torch.float32)
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append((torch.ops.fastscale.linear_example_sq(a, d), torch.ops.fastscale.conv_example_sq(x, dc, *geometry)))
+    finally:
+        torch.set_num_threads(old)
+    for linear, conv in outs[1:]:
+        for got, want in ((linear, outs[0][0]), (conv, outs[0][1])):
+            assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5 * want[0].abs().max().item())
+
+
 # ---- row_dot_sums: (sum x d, sum d) per row in one read of each (GroupNorm's per-example sums);
 # row_affine: a d + b x + c per row (GroupNorm's input gradient).
 

@@ -86,28 +86,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_example_sq_cpu(const at::Ten
   // that is in cache after the matmul, so neither the bias gradient nor its norm reads it again
   at::Tensor bias_grads = at::empty({batch, out_channels}, input.options());
   if (batch == 0) return {weight_grad.zero_(), sq, bias_grads};
-  at::Tensor example = batch > 1 ? at::empty_like(weight_grad) : weight_grad;
-  at::Tensor patches = at::empty({groups, in_per_group, positions}, input.options());
   const bool pad = g.ph > 0 || g.pw > 0;
-  const at::Tensor padded = pad ? at::zeros({g.channels, g.height + 2 * g.ph, g.width + 2 * g.pw}, input.options())
-                                : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_example_sq", [&] {
-    scalar_t* p = patches.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < batch; ++b) {
-      const scalar_t* x = input.const_data_ptr<scalar_t>() + b * g.channels * g.height * g.width;
-      const scalar_t* d = grad_output.const_data_ptr<scalar_t>() + b * out_channels * positions;
-      if (pad) pad_into(x, g, padded.data_ptr<scalar_t>());
-      im2col(pad ? padded.const_data_ptr<scalar_t>() : x, g, p);
-      // per group: d [out/g, positions] patches^T [positions, in/g*kh*kw]; the first example's
-      // straight into the weight gradient
-      scalar_t* target = (b == 0 ? weight_grad : example).data_ptr<scalar_t>();
-      for (int64_t k = 0; k < groups; ++k) {
-        cpu::matmul(d + k * out_per_group * positions, /*a_t=*/false, p + k * in_per_group * positions,
-                    /*b_t=*/true, out_per_group, in_per_group, positions, target + k * out_per_group * in_per_group);
+    cpu::over_example_blocks(batch, weight_grad, [&](int64_t begin, int64_t end, const at::Tensor& sum) {
+      const at::Tensor example = end - begin > 1 ? at::empty_like(sum) : sum;
+      const at::Tensor patches = at::empty({groups, in_per_group, positions}, input.options());
+      const at::Tensor padded =
+          pad ? at::zeros({g.channels, g.height + 2 * g.ph, g.width + 2 * g.pw}, input.options()) : at::Tensor();
+      scalar_t* p = patches.data_ptr<scalar_t>();
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* x = input.const_data_ptr<scalar_t>() + b * g.channels * g.height * g.width;
+        const scalar_t* d = grad_output.const_data_ptr<scalar_t>() + b * out_channels * positions;
+        if (pad) pad_into(x, g, padded.data_ptr<scalar_t>());
+        im2col(pad ? padded.const_data_ptr<scalar_t>() : x, g, p);
+        // per group: d [out/g, positions] patches^T [positions, in/g*kh*kw]; the block's first
+        // example straight into its sum
+        scalar_t* target = (b == begin ? sum : example).data_ptr<scalar_t>();
+        for (int64_t k = 0; k < groups; ++k) {
+          cpu::matmul(d + k * out_per_group * positions, /*a_t=*/false, p + k * in_per_group * positions,
+                      /*b_t=*/true, out_per_group, in_per_group, positions, target + k * out_per_group * in_per_group);
+        }
+        cpu::take_example(sum, example, b == begin, sq, b);
+        cpu::row_sums(d, out_channels, positions, bias_grads.data_ptr<scalar_t>() + b * out_channels);
       }
-      cpu::take_example(weight_grad, example, b == 0, sq, b);
-      cpu::row_sums(d, out_channels, positions, bias_grads.data_ptr<scalar_t>() + b * out_channels);
-    }
+    });
   });
   return {weight_grad, sq, bias_grads};
 }

@@ -1,9 +1,14 @@
 // Shared by the per-example ops (linear_example_sq_cpu.cpp, conv_example_sq_cpu.cpp), which form
-// one example's weight gradient at a time: a matmul on raw buffers, and the pass that adds the
-// example into the weight gradient and takes its squared norm.
+// one example's weight gradient at a time: the examples split over the threads, a matmul on raw
+// buffers, and the pass that adds the example into its block's sum and takes its squared norm.
 #pragma once
 
+#include <algorithm>
+#include <vector>
+
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 
@@ -25,6 +30,24 @@ void matmul(const T* a, bool a_t, const T* b, bool b_t, int64_t m, int64_t n, in
   };
   at::Tensor out = at::from_blob(c, {m, n}, options);
   at::mm_out(out, view(a, a_t, m, k), view(b, b_t, k, n));
+}
+
+// run_block(begin, end, sum) for one contiguous block of examples per thread (threads are not
+// worth it inside one example's small matmul: measured on the bench CNN, 2 threads took a layer
+// from 40 to 28 ms against plain backward's 33 to 17). Each block sums its examples' gradients
+// into its own `sum`, the first block's being weight_grad; the others are added into it in block
+// order. Each example is computed whole by one thread, so its norm does not depend on the
+// number of threads; the weight gradient's rounding does, as torch's matmul's does.
+template <typename F>
+void over_example_blocks(int64_t batch, const at::Tensor& weight_grad, const F& run_block) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(batch, threads));
+  std::vector<at::Tensor> sums{weight_grad};
+  for (int64_t k = 1; k < blocks; ++k) sums.push_back(at::empty_like(weight_grad));
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) run_block(batch * k / blocks, batch * (k + 1) / blocks, sums[k]);
+  });
+  for (int64_t k = 1; k < blocks; ++k) weight_grad.add_(sums[k]);
 }
 
 // One example's weight gradient `example` taken into the running sum `weight_grad` (whose first

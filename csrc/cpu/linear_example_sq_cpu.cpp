@@ -28,17 +28,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_example_sq_cpu(const at::T
   at::Tensor sq = at::empty({batch}, input.options());
   at::Tensor bias_grads = at::empty({batch, out}, input.options());
   if (batch == 0) return {weight_grad.zero_(), sq, bias_grads};
-  at::Tensor example = batch > 1 ? at::empty_like(weight_grad) : weight_grad;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_example_sq", [&] {
     const scalar_t* a = input.const_data_ptr<scalar_t>();
     const scalar_t* d = grad_output.const_data_ptr<scalar_t>();
-    for (int64_t b = 0; b < batch; ++b) {
-      // d_b^T a_b, [out, in]; the first example's straight into the weight gradient
-      scalar_t* target = (b == 0 ? weight_grad : example).data_ptr<scalar_t>();
-      cpu::matmul(d + b * tokens * out, /*a_t=*/true, a + b * tokens * in, /*b_t=*/false, out, in, tokens, target);
-      cpu::take_example(weight_grad, example, b == 0, sq, b);
-      cpu::column_sums(d + b * tokens * out, tokens, out, bias_grads.data_ptr<scalar_t>() + b * out);
-    }
+    cpu::over_example_blocks(batch, weight_grad, [&](int64_t begin, int64_t end, const at::Tensor& sum) {
+      const at::Tensor example = end - begin > 1 ? at::empty_like(sum) : sum;
+      for (int64_t b = begin; b < end; ++b) {
+        // d_b^T a_b, [out, in]; the block's first example straight into its sum
+        scalar_t* target = (b == begin ? sum : example).data_ptr<scalar_t>();
+        cpu::matmul(d + b * tokens * out, /*a_t=*/true, a + b * tokens * in, /*b_t=*/false, out, in, tokens, target);
+        cpu::take_example(sum, example, b == begin, sq, b);
+        cpu::column_sums(d + b * tokens * out, tokens, out, bias_grads.data_ptr<scalar_t>() + b * out);
+      }
+    });
   });
   return {weight_grad, sq, bias_grads};
 }
