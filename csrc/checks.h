@@ -150,24 +150,29 @@ inline void check_arrival_norms_inputs(const at::Tensor& out, const at::Tensor& 
   }
 }
 
-// Every input of fastscale::linear_example_sq: input [B, T, d_in] and grad_output [B, T, d_out],
-// dense, of one dtype (float32 or float64: the products are BLAS matmuls in that dtype) and
-// device.
-inline void check_linear_example_sq_inputs(const at::Tensor& input, const at::Tensor& grad_output) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"input", input},
-                                {"grad_output", grad_output}}) {
+// The two tensors of a per-example op (a layer's input and output gradient, or x and d):
+// defined, dense, `dims`-D (`shape` says what the dims are), float32 or float64 (the products are
+// BLAS matmuls in that dtype), of one dtype and device.
+inline void check_float_pair(const char* first_name, const at::Tensor& first, const char* second_name,
+                             const at::Tensor& second, int64_t dims, const char* shape) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{first_name, first},
+                                {second_name, second}}) {
     TORCH_CHECK(t.defined(), "fastscale: ", name, " is undefined (None)");
     TORCH_CHECK(t.layout() == at::kStrided, "fastscale: ", name, " has layout ", t.layout(),
                 "; sparse and other non-strided tensors are not supported");
-    TORCH_CHECK(t.dim() == 3, "fastscale: ", name, " must be 3-D [batch, tokens, features], got shape ",
-                t.sizes());
+    TORCH_CHECK(t.dim() == dims, "fastscale: ", name, " must be ", dims, "-D ", shape, ", got shape ", t.sizes());
     TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastscale: ", name,
                 " has dtype ", t.scalar_type(), "; supported are float32 and float64");
   }
-  TORCH_CHECK(input.scalar_type() == grad_output.scalar_type(), "fastscale: grad_output has dtype ",
-              grad_output.scalar_type(), " but input has ", input.scalar_type());
-  TORCH_CHECK(input.device() == grad_output.device(), "fastscale: grad_output is on ",
-              grad_output.device(), " but input is on ", input.device());
+  TORCH_CHECK(first.scalar_type() == second.scalar_type(), "fastscale: ", second_name, " has dtype ",
+              second.scalar_type(), " but ", first_name, " has ", first.scalar_type());
+  TORCH_CHECK(first.device() == second.device(), "fastscale: ", second_name, " is on ", second.device(),
+              " but ", first_name, " is on ", first.device());
+}
+
+// Every input of fastscale::linear_example_sq: input [B, T, d_in] and grad_output [B, T, d_out].
+inline void check_linear_example_sq_inputs(const at::Tensor& input, const at::Tensor& grad_output) {
+  check_float_pair("input", input, "grad_output", grad_output, 3, "[batch, tokens, features]");
   TORCH_CHECK(input.size(0) == grad_output.size(0) && input.size(1) == grad_output.size(1),
               "fastscale: input has shape ", input.sizes(), " and grad_output ", grad_output.sizes(),
               "; they must agree in batch and tokens (dims 0 and 1)");
@@ -180,20 +185,7 @@ inline void check_conv_example_sq_inputs(const at::Tensor& input, const at::Tens
                                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                          at::IntArrayRef padding, at::IntArrayRef dilation,
                                          int64_t groups) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"input", input},
-                                {"grad_output", grad_output}}) {
-    TORCH_CHECK(t.defined(), "fastscale: ", name, " is undefined (None)");
-    TORCH_CHECK(t.layout() == at::kStrided, "fastscale: ", name, " has layout ", t.layout(),
-                "; sparse and other non-strided tensors are not supported");
-    TORCH_CHECK(t.dim() == 4, "fastscale: ", name, " must be 4-D [batch, channels, height, width], got shape ",
-                t.sizes());
-    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastscale: ", name,
-                " has dtype ", t.scalar_type(), "; supported are float32 and float64");
-  }
-  TORCH_CHECK(input.scalar_type() == grad_output.scalar_type(), "fastscale: grad_output has dtype ",
-              grad_output.scalar_type(), " but input has ", input.scalar_type());
-  TORCH_CHECK(input.device() == grad_output.device(), "fastscale: grad_output is on ",
-              grad_output.device(), " but input is on ", input.device());
+  check_float_pair("input", input, "grad_output", grad_output, 4, "[batch, channels, height, width]");
   for (const auto& [name, v, least] : {std::tuple<const char*, at::IntArrayRef, int64_t>{"kernel_size", kernel_size, 1},
                                        {"stride", stride, 1}, {"padding", padding, 0}, {"dilation", dilation, 1}}) {
     TORCH_CHECK(v.size() == 2 && v[0] >= least && v[1] >= least, "fastscale: ", name,
@@ -216,17 +208,7 @@ inline void check_conv_example_sq_inputs(const at::Tensor& input, const at::Tens
 // Every input of fastscale::row_dot_sums: x and d 2-D [rows, n] of one shape, dtype (float32 or
 // float64) and device, dense.
 inline void check_row_dot_sums_inputs(const at::Tensor& x, const at::Tensor& d) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"d", d}}) {
-    TORCH_CHECK(t.defined(), "fastscale: ", name, " is undefined (None)");
-    TORCH_CHECK(t.layout() == at::kStrided, "fastscale: ", name, " has layout ", t.layout(),
-                "; sparse and other non-strided tensors are not supported");
-    TORCH_CHECK(t.dim() == 2, "fastscale: ", name, " must be 2-D [rows, n], got shape ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastscale: ", name,
-                " has dtype ", t.scalar_type(), "; supported are float32 and float64");
-  }
-  TORCH_CHECK(x.scalar_type() == d.scalar_type(), "fastscale: d has dtype ", d.scalar_type(),
-              " but x has ", x.scalar_type());
-  TORCH_CHECK(x.device() == d.device(), "fastscale: d is on ", d.device(), " but x is on ", x.device());
+  check_float_pair("x", x, "d", d, 2, "[rows, n]");
   TORCH_CHECK(x.sizes() == d.sizes(), "fastscale: d has shape ", d.sizes(), " but x has ", x.sizes());
 }
 

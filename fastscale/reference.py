@@ -168,6 +168,20 @@ def arrival_norms_(out: Tensor, grad: Tensor, accumulated: Tensor | None, *, add
     out.copy_(sums)
 
 
+def _check_float_pair(first_name: str, first: Tensor, second_name: str, second: Tensor, dims: int, shape: str) -> None:
+    """The two tensors of a per-example op: ``dims``-D (``shape`` says what the dims are), float32
+    or float64, of one dtype and device (the C++ kernels' checks, csrc/checks.h)."""
+    for name, t in ((first_name, first), (second_name, second)):
+        if t.dim() != dims:
+            raise ValueError(f"fastscale: {name} must be {dims}-D {shape}, got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"fastscale: {name} has dtype {t.dtype}; supported are float32 and float64")
+    if second.dtype != first.dtype:
+        raise ValueError(f"fastscale: {second_name} has dtype {second.dtype} but {first_name} has {first.dtype}")
+    if second.device != first.device:
+        raise ValueError(f"fastscale: {second_name} is on {second.device} but {first_name} is on {first.device}")
+
+
 def linear_example_sq(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""A Linear layer's weight gradient, every example's share of it squared, and every
     example's bias gradient::
@@ -180,15 +194,7 @@ def linear_example_sq(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tenso
     float64), computed in that dtype. Here all B gradients are formed at once (B d_in d_out
     elements); the CPU kernel forms one at a time.
     """
-    for name, t in (("input", input), ("grad_output", grad_output)):
-        if t.dim() != 3:
-            raise ValueError(f"fastscale: {name} must be 3-D [batch, tokens, features], got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"fastscale: {name} has dtype {t.dtype}; supported are float32 and float64")
-    if grad_output.dtype != input.dtype:
-        raise ValueError(f"fastscale: grad_output has dtype {grad_output.dtype} but input has {input.dtype}")
-    if grad_output.device != input.device:
-        raise ValueError(f"fastscale: grad_output is on {grad_output.device} but input is on {input.device}")
+    _check_float_pair("input", input, "grad_output", grad_output, 3, "[batch, tokens, features]")
     if input.shape[:2] != grad_output.shape[:2]:
         raise ValueError(f"fastscale: input has shape {tuple(input.shape)} and grad_output {tuple(grad_output.shape)}; "
                          "they must agree in batch and tokens (dims 0 and 1)")
@@ -205,15 +211,7 @@ def conv_example_sq(input: Tensor, grad_output: Tensor, kernel_size, stride, pad
     one token per output position, per group: here all B examples' gradients are formed at once
     from ``F.unfold`` and one bmm per group; the CPU kernel forms one example's at a time.
     """
-    for name, t in (("input", input), ("grad_output", grad_output)):
-        if t.dim() != 4:
-            raise ValueError(f"fastscale: {name} must be 4-D [batch, channels, height, width], got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"fastscale: {name} has dtype {t.dtype}; supported are float32 and float64")
-    if grad_output.dtype != input.dtype:
-        raise ValueError(f"fastscale: grad_output has dtype {grad_output.dtype} but input has {input.dtype}")
-    if grad_output.device != input.device:
-        raise ValueError(f"fastscale: grad_output is on {grad_output.device} but input is on {input.device}")
+    _check_float_pair("input", input, "grad_output", grad_output, 4, "[batch, channels, height, width]")
     for name, v, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
                            ("dilation", dilation, 1)):
         if len(v) != 2 or min(v) < least:
@@ -242,15 +240,7 @@ def conv_example_sq(input: Tensor, grad_output: Tensor, kernel_size, stride, pad
 def row_dot_sums(x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     r"""``(sum_k x[r, k] d[r, k], sum_k d[r, k])`` for every row r of x and d, [R, N] each, of
     one dtype (float32 or float64), in that dtype."""
-    for name, t in (("x", x), ("d", d)):
-        if t.dim() != 2:
-            raise ValueError(f"fastscale: {name} must be 2-D [rows, n], got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"fastscale: {name} has dtype {t.dtype}; supported are float32 and float64")
-    if d.dtype != x.dtype:
-        raise ValueError(f"fastscale: d has dtype {d.dtype} but x has {x.dtype}")
-    if d.device != x.device:
-        raise ValueError(f"fastscale: d is on {d.device} but x is on {x.device}")
+    _check_float_pair("x", x, "d", d, 2, "[rows, n]")
     if d.shape != x.shape:
         raise ValueError(f"fastscale: d has shape {tuple(d.shape)} but x has {tuple(x.shape)}")
     return torch.linalg.vecdot(x, d), d.sum(1)

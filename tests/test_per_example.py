@@ -567,39 +567,28 @@ class ConvBiases(nn.Module):
 
 
 @pytest.mark.parametrize("method", ["auto", "materialize"])
-def test_conv_kernel_takes_weight_and_bias_norms(method, arrivals):
-    # Each conv called once: the kernel's per-example weight norms plus, where the bias
-    # trains, the bias's from the kernel's per-example bias gradients (none without a bias or
-    # with it frozen); the norms equal the fp64 reference and .grad equals autograd's.
+@pytest.mark.parametrize("case", ["conv", "linear"])
+def test_kernel_takes_weight_and_bias_norms(case, method, arrivals):
+    # Conv or sequence Linear layers each called once, without a bias, with a frozen bias and
+    # with one: the kernel's per-example weight norms plus, where the bias trains, the bias's
+    # from the kernel's per-example bias gradients. The norms equal the fp64 reference and
+    # .grad equals autograd's.
     torch.manual_seed(25)
-    x, y = cnn2d_data()
-    model = ConvBiases()
-    want = plain_grads(copy.deepcopy(model), x, y, ce)
+    if case == "conv":
+        (x, y), model, loss_fn = cnn2d_data(), ConvBiases(), ce
+    else:
+        model = nn.Sequential(nn.Linear(6, 12, bias=False), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+        model[2].bias.requires_grad_(False)
+        (x, y), loss_fn = seq_data(), seq_loss
+    want = plain_grads(copy.deepcopy(model), x, y, loss_fn)
     with PerExampleGradNorms(model, method=method):
-        got = plain_grads(model, x, y, ce)
+        got = plain_grads(model, x, y, loss_fn)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     fused = arrivals.copy()
-    check(model, x, y, ce, "mean", method=method)
+    check(model, x, y, loss_fn, "mean", method=method)
     assert fused and fused == ["sq" if NATIVE else "examples"] * len(fused), fused
-
-
-@pytest.mark.parametrize("method", ["auto", "materialize"])
-def test_linear_kernel_takes_weight_and_bias_norms(method, arrivals):
-    # Sequence Linear layers called once, without a bias, with a frozen bias and with one: the
-    # kernel's per-example weight norms plus, where the bias trains, the bias's.
-    torch.manual_seed(26)
-    model = nn.Sequential(nn.Linear(6, 12, bias=False), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
-    model[2].bias.requires_grad_(False)
-    x, y = seq_data()
-    want = plain_grads(copy.deepcopy(model), x, y, seq_loss)
-    with PerExampleGradNorms(model, method=method):
-        got = plain_grads(model, x, y, seq_loss)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-    fused = arrivals.copy()
-    check(model, x, y, seq_loss, "sum", method=method)
-    assert len(fused) == 3 and fused == ["sq" if NATIVE else "examples"] * 3, fused
+    assert case == "conv" or len(fused) == 3
 
 
 class GroupNorms(nn.Module):
