@@ -14,7 +14,7 @@ the candidate needs to turn its hooks' output into a [B] vector of squared norms
   plain      loss.backward()
   fastscale  loss.backward(); norms.squared_norms()
   fastscale-unfused
-             the same with fused_conv=False, fused_linear=False, fused_group_norm=False
+             the same with fused_conv=False, fused_linear=False, fused_norm=False
              (conv, GroupNorm and Linear layers on sequences keep their own forward/backward,
              the per-example gradients are computed on top; differs on the CNN and the
              transformer)
@@ -134,7 +134,7 @@ def make_step(case: str, candidate: str):
     elif candidate.startswith("fastscale"):
         fused = candidate == "fastscale"
         norms = PerExampleGradNorms(model, loss_reduction="mean", fused_conv=fused, fused_linear=fused,
-                                    fused_group_norm=fused)
+                                    fused_norm=fused)
         reduce = norms.squared_norms
     else:
         reduce = None

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/safe_numerics.h>
 
 namespace fastscale::checks {
 
@@ -197,9 +198,15 @@ inline void check_conv_example_sq_inputs(const at::Tensor& input, const at::Tens
   TORCH_CHECK(input.size(0) == grad_output.size(0), "fastscale: input has batch ", input.size(0),
               " but grad_output has ", grad_output.size(0));
   for (int k = 0; k < 2; ++k) {
-    const int64_t span = dilation[k] * (kernel_size[k] - 1) + 1;
-    const int64_t padded = input.size(2 + k) + 2 * padding[k];
-    const int64_t out = padded < span ? 0 : (padded - span) / stride[k] + 1;
+    // In overflow-safe arithmetic: a span past int64 covers more than any input, so no output.
+    int64_t span = 0, padded = 0;
+    const bool wide = c10::mul_overflows(dilation[k], kernel_size[k] - 1, &span) ||
+                      c10::add_overflows(span, int64_t{1}, &span);
+    TORCH_CHECK(!c10::mul_overflows(padding[k], int64_t{2}, &padded) &&
+                    !c10::add_overflows(padded, input.size(2 + k), &padded),
+                "fastscale: padding ", padding, " is too large");
+    const int64_t out = wide || padded < span ? 0 : (padded - span) / stride[k] + 1;
+    TORCH_CHECK(out >= 1, "fastscale: this geometry gives an empty output (", k == 0 ? "height" : "width", " 0)");
     TORCH_CHECK(grad_output.size(2 + k) == out, "fastscale: grad_output has spatial size ",
                 grad_output.sizes().slice(2), " but this geometry gives ", k == 0 ? "height " : "width ", out);
   }
@@ -224,6 +231,26 @@ inline void check_row_affine_inputs(const at::Tensor& d, const at::Tensor& x, co
     TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastscale: ", name, " has dtype ", t.scalar_type(),
                 " but x has ", x.scalar_type());
     TORCH_CHECK(t.device() == x.device(), "fastscale: ", name, " is on ", t.device(), " but x is on ", x.device());
+  }
+}
+
+// Every input of fastscale::layer_norm_example_backward: grad_output and input [B, T, k] as for
+// linear_example_sq; mean and rstd [B, T] and weight [k], dense, of their dtype and device.
+inline void check_layer_norm_example_inputs(const at::Tensor& grad_output, const at::Tensor& input,
+                                            const at::Tensor& mean, const at::Tensor& rstd,
+                                            const at::Tensor& weight) {
+  check_float_pair("input", input, "grad_output", grad_output, 3, "[batch, tokens, features]");
+  TORCH_CHECK(input.sizes() == grad_output.sizes(), "fastscale: grad_output has shape ", grad_output.sizes(),
+              " but input has ", input.sizes());
+  for (const auto& [name, t, dims] : {std::tuple<const char*, const at::Tensor&, int64_t>{"mean", mean, 2},
+                                      {"rstd", rstd, 2}, {"weight", weight, 1}}) {
+    TORCH_CHECK(t.defined() && t.layout() == at::kStrided, "fastscale: ", name, " must be a dense tensor");
+    const auto want = dims == 2 ? input.sizes().slice(0, 2) : input.sizes().slice(2);
+    TORCH_CHECK(t.sizes() == want, "fastscale: ", name, " must have shape ", want, ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fastscale: ", name, " has dtype ", t.scalar_type(),
+                " but input has ", input.scalar_type());
+    TORCH_CHECK(t.device() == input.device(), "fastscale: ", name, " is on ", t.device(), " but input is on ",
+                input.device());
   }
 }
 

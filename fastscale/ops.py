@@ -41,9 +41,12 @@ _lib.impl("accumulate_grad_", reference.accumulate_grad_, "CompositeExplicitAuto
 _lib.impl("arrival_norms_", reference.arrival_norms_, "CompositeExplicitAutograd")
 _lib.define("row_dot_sums(Tensor x, Tensor d) -> (Tensor, Tensor)")
 _lib.define("row_affine(Tensor d, Tensor x, Tensor a, Tensor b, Tensor c) -> Tensor")
+_lib.define("layer_norm_example_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, Tensor weight) "
+            "-> (Tensor, Tensor, Tensor)")
 _lib.impl("linear_example_sq", reference.linear_example_sq, "CompositeExplicitAutograd")
 _lib.impl("row_dot_sums", reference.row_dot_sums, "CompositeExplicitAutograd")
 _lib.impl("row_affine", reference.row_affine, "CompositeExplicitAutograd")
+_lib.impl("layer_norm_example_backward", reference.layer_norm_example_backward, "CompositeExplicitAutograd")
 _lib.impl("conv_example_sq", reference.conv_example_sq, "CompositeExplicitAutograd")
 
 
@@ -86,6 +89,12 @@ def _row_affine_fake(d, x, a, b, c):
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake("fastscale::layer_norm_example_backward")
+def _layer_norm_example_backward_fake(grad_output, input, mean, rstd, weight):
+    rows = input.new_empty(input.shape[0], input.shape[2])
+    return input.new_empty(input.shape), rows, rows.clone()
+
+
 def fused_sgd_(params, grads, momentum_buffers, **kwargs) -> Tensor:
     """``torch.ops.fastscale.fused_sgd_``; see :func:`fastscale.reference.fused_sgd_`."""
     return torch.ops.fastscale.fused_sgd_(params, grads, momentum_buffers, **kwargs)
@@ -119,6 +128,11 @@ def row_dot_sums(x, d) -> tuple[Tensor, Tensor]:
 def row_affine(d, x, a, b, c) -> Tensor:
     """``torch.ops.fastscale.row_affine``; see :func:`fastscale.reference.row_affine`."""
     return torch.ops.fastscale.row_affine(d, x, a, b, c)
+
+
+def layer_norm_example_backward(grad_output, input, mean, rstd, weight) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.fastscale.layer_norm_example_backward``; see :func:`fastscale.reference.layer_norm_example_backward`."""
+    return torch.ops.fastscale.layer_norm_example_backward(grad_output, input, mean, rstd, weight)
 
 
 # DTensors (FSDP2, tensor parallelism): every op runs on the local shards and returns local

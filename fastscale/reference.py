@@ -225,7 +225,11 @@ def conv_example_sq(input: Tensor, grad_output: Tensor, kernel_size, stride, pad
         raise ValueError(f"fastscale: input has batch {b} but grad_output has {grad_output.shape[0]}")
     for k in range(2):
         span, padded = dilation[k] * (kernel_size[k] - 1) + 1, input.shape[2 + k] + 2 * padding[k]
+        if padded >= 2**63:  # as the kernel's int64 arithmetic
+            raise ValueError(f"fastscale: padding {list(padding)} is too large")
         size = 0 if padded < span else (padded - span) // stride[k] + 1
+        if size < 1:
+            raise ValueError(f"fastscale: this geometry gives an empty output ({('height', 'width')[k]} 0)")
         if grad_output.shape[2 + k] != size:
             raise ValueError(f"fastscale: grad_output has spatial size {list(grad_output.shape[2:])} but this "
                              f"geometry gives {('height', 'width')[k]} {size}")
@@ -249,7 +253,7 @@ def row_dot_sums(x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
 def row_affine(d: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     r"""``a[r] d[r, k] + b[r] x[r, k] + c[r]`` for d, x [R, N] and a, b, c [R], of one dtype
     (float32 or float64): GroupNorm's input gradient, one row per (example, channel)."""
-    row_dot_sums(x[:, :0], d[:, :0])  # the same checks of x and d, but for their widths
+    _check_float_pair("x", x, "d", d, 2, "[rows, n]")
     if d.shape != x.shape:
         raise ValueError(f"fastscale: d has shape {tuple(d.shape)} but x has {tuple(x.shape)}")
     for name, t in (("a", a), ("b", b), ("c", c)):
@@ -261,3 +265,31 @@ def row_affine(d: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
         if t.device != x.device:
             raise ValueError(f"fastscale: {name} is on {t.device} but x is on {x.device}")
     return a.unsqueeze(1) * d + b.unsqueeze(1) * x + c.unsqueeze(1)
+
+
+def layer_norm_example_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
+                                weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""LayerNorm's backward over the last dim of ``input`` [B, T, k], with the ``mean`` and
+    ``rstd`` [B, T] of its forward and its ``weight`` [k], that also gives every example's weight
+    and bias gradient. With x̂ = (x − mean)·rstd and g = weight·dy, per row::
+
+        dx        = rstd/k · (k g − Σ g − x̂ Σ g x̂)
+        w_rows[b] = Σ_t x̂ dy,    b_rows[b] = Σ_t dy        [B, k] each
+
+    in the inputs' dtype (float32 or float64).
+    """
+    _check_float_pair("input", input, "grad_output", grad_output, 3, "[batch, tokens, features]")
+    if grad_output.shape != input.shape:
+        raise ValueError(f"fastscale: grad_output has shape {tuple(grad_output.shape)} but input has {tuple(input.shape)}")
+    for name, t, want in (("mean", mean, input.shape[:2]), ("rstd", rstd, input.shape[:2]), ("weight", weight, input.shape[2:])):
+        if t.shape != want:
+            raise ValueError(f"fastscale: {name} must have shape {list(want)}, got {list(t.shape)}")
+        if t.dtype != input.dtype:
+            raise ValueError(f"fastscale: {name} has dtype {t.dtype} but input has {input.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"fastscale: {name} is on {t.device} but input is on {input.device}")
+    xhat = (input - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    g = grad_output * weight
+    k = input.shape[-1]
+    dx = rstd.unsqueeze(-1) / k * (k * g - g.sum(-1, keepdim=True) - xhat * (g * xhat).sum(-1, keepdim=True))
+    return dx, (xhat * grad_output).sum(1), grad_output.sum(1)

@@ -564,6 +564,10 @@ def test_conv_example_sq_errors():
         ((x, d, k, s, p, dil, 0), r"groups must be >= 1 and divide"),
         ((x, d[:1], k, s, p, dil, g), r"input has batch 2 but grad_output has 1"),
         ((x, d[..., :5], k, s, p, dil, g), r"but this geometry gives width 6"),
+        # a dilation whose span overflows int64 covers more than the input: no output at all
+        ((x, d, k, s, p, [2**63 - 3, 1], g), r"this geometry gives an empty output \(height 0\)"),
+        ((x, d, [7, 3], s, [0, 1], dil, g), r"this geometry gives an empty output \(height 0\)"),
+        ((x, d, k, s, [2**62, 1], dil, g), r"padding \[4611686018427387904, 1\] is too large"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
@@ -580,20 +584,65 @@ def test_opcheck_conv_example_sq():
 def test_example_norms_independent_of_thread_count():
     # Each example is computed whole by one thread: its norm (and bias gradient) is the same for
     # any number of threads. The weight gradient sums the threads' blocks: rounding only.
+    # the second Linear's weight (40 x 500) outweighs its input and output gradient: one block
     a, d = example_inputs((7, 9, 30, 20), torch.float32)
+    a2, d2 = example_inputs((5, 2, 500, 40), torch.float32)
     x, dc, _, geometry = conv_inputs((7, 4, 9, 8, 6, (3, 3), (2, 2), (1, 1), (1, 1), 2), torch.float32)
     outs = []
     old = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append((torch.ops.fastscale.linear_example_sq(a, d), torch.ops.fastscale.conv_example_sq(x, dc, *geometry)))
+            outs.append((torch.ops.fastscale.linear_example_sq(a, d), torch.ops.fastscale.conv_example_sq(x, dc, *geometry),
+                         torch.ops.fastscale.linear_example_sq(a2, d2)))
     finally:
         torch.set_num_threads(old)
-    for linear, conv in outs[1:]:
-        for got, want in ((linear, outs[0][0]), (conv, outs[0][1])):
+    torch.testing.assert_close(outs[0][2], reference.linear_example_sq(a2, d2), rtol=1e-5, atol=1e-4)
+    for linear, conv, wide in outs[1:]:
+        for got, want in ((linear, outs[0][0]), (conv, outs[0][1]), (wide, outs[0][2])):
             assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
             torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5 * want[0].abs().max().item())
+
+
+# ---- layer_norm_example_backward: LayerNorm's backward with every example's weight and bias
+# gradient, one read of x and dy.
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (32, 64, 128), (4, 1, 300), (0, 3, 4), (3, 0, 4)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_layer_norm_example_backward(dtype, shape):
+    x = torch.randn(shape, dtype=dtype) * 3 + 1
+    weight, bias = torch.randn(shape[2:], dtype=dtype), torch.randn(shape[2:], dtype=dtype)
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, shape[2:], weight, bias, 1e-5)
+    mean, rstd = mean.reshape(shape[:2]), rstd.reshape(shape[:2])
+    dy = torch.randn(shape, dtype=dtype)
+    got = torch.ops.fastscale.layer_norm_example_backward(dy, x, mean, rstd, weight)
+    want = reference.layer_norm_example_backward(dy, x, mean, rstd, weight)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, **tol)
+    if x.numel():  # and torch's own backward: the same input gradient, the rows summed
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy, x, shape[2:], mean.unsqueeze(-1),
+                                                               rstd.unsqueeze(-1), weight, bias, [True, True, True])
+        for g, w in ((got[0], dx), (got[1].sum(0), dw), (got[2].sum(0), db)):
+            torch.testing.assert_close(g, w, **tol)
+
+
+def test_layer_norm_example_backward_errors_and_opcheck():
+    x, dy = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mean, rstd, w = torch.randn(2, 3), torch.rand(2, 3) + 0.5, torch.randn(4)
+    cases = [((dy, x[0], mean, rstd, w), r"input must be 3-D"),
+             ((dy[:, :2], x, mean, rstd, w), r"grad_output has shape"),
+             ((dy, x, mean[:, :2], rstd, w), r"mean must have shape \[2, 3\]"),
+             ((dy, x, mean, rstd.double(), w), r"rstd has dtype (Double|torch.float64) but input has"),
+             ((dy, x, mean, rstd, w[:3]), r"weight must have shape \[4\]"),
+             ((dy.half(), x.half(), mean, rstd, w), r"has dtype (Half|torch.float16); supported are")]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fastscale.layer_norm_example_backward(*args)
+        with pytest.raises(ValueError, match=message):
+            reference.layer_norm_example_backward(*args)
+    torch.library.opcheck(torch.ops.fastscale.layer_norm_example_backward.default, (dy, x, mean, rstd, w))
 
 
 # ---- row_dot_sums: (sum x d, sum d) per row in one read of each (GroupNorm's per-example sums);
@@ -635,6 +684,7 @@ def test_row_affine(dtype, shape):
 def test_row_affine_errors_and_opcheck():
     d, x, a = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3)
     for args, message in [((d, x, a[:2], a, a), r"a must be 1-D with one element per row \(3\)"),
+                          ((d[0], x[0], a, a, a), r"x must be 2-D"),
                           ((d, x, a, a.double(), a), r"b has dtype (Double|torch.float64) but x has"),
                           ((d, x, a, a, a.reshape(3, 1)), r"c must be 1-D"),
                           ((d[:, :3], x, a, a, a), r"d has shape"), ((d, x.double(), a, a, a), r"d has dtype")]:

@@ -269,7 +269,7 @@ def test_group_norm_from_its_forwards_statistics(monkeypatch, stats, offset, fro
         model.c1.bias.add_(offset * model.c1(cnn2d_data()[0]).std())
     if frozen:
         getattr(model.gn, frozen).requires_grad_(False)
-    check(model, *cnn2d_data(), ce, fused_group_norm=False)  # the hooked rule (fused: test_fused_group_norm)
+    check(model, *cnn2d_data(), ce, fused_norm=False)  # the hooked rule (fused: test_fused_norm)
     assert kept == [stats == "forward" and frozen != "weight"]  # a frozen weight needs no statistics
     assert len(rows) == (1 if kept[0] and sums == "kernel" and NATIVE else 0)
 
@@ -305,7 +305,7 @@ def test_group_norm_statistics_path_equals_the_recompute(monkeypatch, case):
             return got
 
         monkeypatch.setitem(registry.KEEPS, nn.GroupNorm, spy)
-        norms = PerExampleGradNorms(model, fused_group_norm=False)
+        norms = PerExampleGradNorms(model, fused_norm=False)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast_bf16"):
             out = model(x)
@@ -317,7 +317,8 @@ def test_group_norm_statistics_path_equals_the_recompute(monkeypatch, case):
     torch.testing.assert_close(results["forward"], results["recomputed"], rtol=1e-5, atol=0)
 
 
-def test_group_norm_under_activation_checkpointing_reads_no_saved_tensor():
+@pytest.mark.parametrize("fused_norm", [False, True])
+def test_group_norm_under_activation_checkpointing_reads_no_saved_tensor(fused_norm):
     # Under non-reentrant checkpointing, reading a saved tensor in the forward would recompute
     # the checkpointed block at once (and keep what it computed): the rule then recomputes xhat
     # in the backward, and the block runs twice in all (forward, backward), as without hooks.
@@ -343,7 +344,7 @@ def test_group_norm_under_activation_checkpointing_reads_no_saved_tensor():
     x, y = cnn2d_data()
     want = reference(model, x, y, ce)  # torch.func does not run under saved-tensor hooks
     model.runs, model.checkpointed = 0, True
-    norms = run_hooks(model, x, y, ce, "mean")
+    norms = run_hooks(model, x, y, ce, "mean", fused_norm=fused_norm)
     assert model.runs == 2
     for name, got in norms.per_layer().items():
         assert_close(got, want[name], name)
@@ -537,7 +538,7 @@ def test_fused_conv_gradients_equal_plain_backward(make, dtype, arrivals):
     x = x.to(dtype)
     want = plain_grads(copy.deepcopy(model), x, y, ce)
     calls = conv_grad_fns(model)
-    with PerExampleGradNorms(model, method="materialize", fused_group_norm=False):
+    with PerExampleGradNorms(model, method="materialize", fused_norm=False):
         got = plain_grads(model, x, y, ce)
     # fused exactly where the weight is trainable (a frozen weight has nothing to fuse)
     assert calls and all((n == "_ConvWithExampleGradsBackward") == trainable for trainable, n in calls), calls
@@ -641,7 +642,93 @@ def test_fused_group_norm(dtype):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, **tol)
     check(model, x, y, ce)
-    check(model, x, y, ce, fused_group_norm=False)
+    check(model, x, y, ce, fused_norm=False)
+    # and a gradient penalty through it, gn called twice: asked for x and weight at once,
+    # autograd would follow x back to gn's first call and count that weight twice
+    want = plain_grads(copy.deepcopy(model), x, y, ce, create_graph=True)
+    with PerExampleGradNorms(model):
+        got = plain_grads(model, x, y, ce, create_graph=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+
+
+def test_fused_norms_under_torch_func_and_with_an_empty_batch():
+    # With the hooks attached, torch.func transforms of the model see the fused norms' autograd
+    # functions (setup_context style), and an empty batch runs its forward as without hooks.
+    from torch.func import functional_call, grad as func_grad
+
+    torch.manual_seed(29)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Flatten(2), nn.LayerNorm(81), nn.Flatten(),
+                          nn.Linear(8 * 81, 5))
+    x = torch.randn(4, 3, 11, 11)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    loss = lambda p: functional_call(model, p, (x,)).square().sum()  # noqa: E731
+    want = func_grad(loss)(params)
+    with PerExampleGradNorms(model):
+        got = func_grad(loss)(params)
+        assert model(torch.randn(0, 3, 11, 11)).shape == (0, 5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+class LayerNorms(nn.Module):
+    """LayerNorm calls: on [B, T, d] and called a second time, over two dims, without a bias,
+    with a frozen bias, with a frozen weight (not fused), on [B, d]."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp = nn.Linear(6, d)
+        self.ln = nn.LayerNorm(d)
+        self.two_dims = nn.LayerNorm((5, d))
+        self.no_bias = nn.LayerNorm(d, bias=False)
+        self.frozen_bias = nn.LayerNorm(d)
+        self.frozen_bias.bias.requires_grad_(False)
+        self.frozen_weight = nn.LayerNorm(d)
+        self.frozen_weight.weight.requires_grad_(False)
+        self.flat = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+        with torch.no_grad():  # affine parameters away from their initial 1 and 0
+            for m in self.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.uniform_(0.5, 1.5)
+                    if m.bias is not None:
+                        m.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):  # x [B, 5, 2, 6]
+        h = torch.tanh(self.ln(self.inp(x)))                                     # [B, 5, 2, d]
+        h = torch.tanh(self.two_dims(self.ln(h).transpose(1, 2).contiguous()))  # [B, 2, 5, d]
+        h = self.frozen_weight(self.frozen_bias(torch.tanh(self.no_bias(h))))
+        return self.head(torch.tanh(self.flat(h.mean((1, 2)))))                  # [B, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_layer_norm(dtype, arrivals):
+    # On the CPU a LayerNorm whose weight trains runs the fused backward: input, weight and bias
+    # gradients equal autograd's; the norms equal the reference, also with the fusion off.
+    torch.manual_seed(28)
+    model = LayerNorms().to(dtype)
+    x, y = torch.randn(4, 5, 2, 6, dtype=dtype), torch.randint(0, 3, (4,))
+    want = plain_grads(copy.deepcopy(model), x, y, ce)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.register_forward_hook(lambda mod, args, out: calls.append(type(out.grad_fn).__name__))
+    with PerExampleGradNorms(model):
+        got = plain_grads(model, x, y, ce)
+    fused, plain = "_LayerNormWithExampleGradsBackward", "NativeLayerNormBackward0"
+    # ln twice, two_dims, no_bias, frozen_bias, flat fused; frozen_weight hooked
+    assert calls == ([fused] * 5 + [plain, fused] if NATIVE else [plain] * 7), calls
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+    check(model, x, y, ce)
+    check(model, x, y, ce, fused_norm=False)
+    # and a gradient penalty through it, ln called twice (see test_fused_group_norm)
+    want = plain_grads(copy.deepcopy(model), x, y, ce, create_graph=True)
+    with PerExampleGradNorms(model):
+        got = plain_grads(model, x, y, ce, create_graph=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")

@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_example_sq_cpu(const at::Ten
   if (batch == 0) return {weight_grad.zero_(), sq, bias_grads};
   const bool pad = g.ph > 0 || g.pw > 0;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_example_sq", [&] {
-    cpu::over_example_blocks(batch, weight_grad, [&](int64_t begin, int64_t end, const at::Tensor& sum) {
+    cpu::over_example_blocks(batch, weight_grad, input.numel() + grad_output.numel(), [&](int64_t begin, int64_t end, const at::Tensor& sum) {
       const at::Tensor example = end - begin > 1 ? at::empty_like(sum) : sum;
       const at::Tensor patches = at::empty({groups, in_per_group, positions}, input.options());
       const at::Tensor padded =

@@ -32,16 +32,20 @@ void matmul(const T* a, bool a_t, const T* b, bool b_t, int64_t m, int64_t n, in
   at::mm_out(out, view(a, a_t, m, k), view(b, b_t, k, n));
 }
 
-// run_block(begin, end, sum) for one contiguous block of examples per thread (threads are not
+// run_block(begin, end, sum) for contiguous blocks of examples, one per thread (threads are not
 // worth it inside one example's small matmul: measured on the bench CNN, 2 threads took a layer
 // from 40 to 28 ms against plain backward's 33 to 17). Each block sums its examples' gradients
 // into its own `sum`, the first block's being weight_grad; the others are added into it in block
-// order. Each example is computed whole by one thread, so its norm does not depend on the
+// order. A block costs a weight-sized scratch for its examples and, past the first, a weight-
+// sized sum: (2 blocks - 1) of them in all, allowed up to `held` elements (what the call holds
+// anyway, its input and output gradient), so a layer with a large weight and a short input runs
+// as one block. Each example is computed whole by one thread, so its norm does not depend on the
 // number of threads; the weight gradient's rounding does, as torch's matmul's does.
 template <typename F>
-void over_example_blocks(int64_t batch, const at::Tensor& weight_grad, const F& run_block) {
+void over_example_blocks(int64_t batch, const at::Tensor& weight_grad, int64_t held, const F& run_block) {
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(batch, threads));
+  const int64_t affordable = (held / std::max<int64_t>(weight_grad.numel(), 1) + 1) / 2;
+  const int64_t blocks = std::max<int64_t>(1, std::min({batch, threads, affordable}));
   std::vector<at::Tensor> sums{weight_grad};
   for (int64_t k = 1; k < blocks; ++k) sums.push_back(at::empty_like(weight_grad));
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {

@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_example_sq_cpu(const at::T
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_example_sq", [&] {
     const scalar_t* a = input.const_data_ptr<scalar_t>();
     const scalar_t* d = grad_output.const_data_ptr<scalar_t>();
-    cpu::over_example_blocks(batch, weight_grad, [&](int64_t begin, int64_t end, const at::Tensor& sum) {
+    cpu::over_example_blocks(batch, weight_grad, input.numel() + grad_output.numel(), [&](int64_t begin, int64_t end, const at::Tensor& sum) {
       const at::Tensor example = end - begin > 1 ? at::empty_like(sum) : sum;
       for (int64_t b = begin; b < end; ++b) {
         // d_b^T a_b, [out, in]; the block's first example straight into its sum

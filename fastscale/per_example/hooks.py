@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 from .common import _direct_trainable
 from .conv import _ConvWithExampleGrads, _apply_under_autocast, _conv_call, _conv_prefers_gram
 from .functorch import _functorch_sq
-from .norm import _group_norm_fuses, _GroupNormWithExampleGrads
+from .norm import _group_norm_fuses, _GroupNormWithExampleGrads, _layer_norm_fuses, _LayerNormWithExampleGrads
 from .linear import _fuses as _linear_fuses, _holds as _linear_holds, _LinearWithExampleGrads, _native as _linear_native
 from .registry import KEEPS, RULES, kind as _kind
 
@@ -127,11 +127,11 @@ class PerExampleGradNorms:
             call's input and output gradient with ``method="auto"``: where the unfused rule
             materialises them anyway). Calls on [B, d] keep the outer-product rule, which
             costs nothing.
-        fused_group_norm: on the CPU (fp32/fp64 contiguous input, compiled extension, no
-            autocast), a ``nn.GroupNorm`` whose weight trains runs a backward that makes
-            torch's two passes itself, so its per-example weight and bias gradients come from
-            the sums of the first (default ``True``); otherwise it is hooked and its rule reads
-            the input and output gradient once more.
+        fused_norm: on the CPU (fp32/fp64 contiguous input, compiled extension, no
+            autocast), a ``nn.GroupNorm`` or ``nn.LayerNorm`` whose weight trains runs a
+            backward of its own that forms its per-example weight and bias gradients in the
+            passes its input gradient needs anyway (default ``True``); otherwise it is hooked
+            and its rule reads the input and output gradient once more.
         attach: register the hooks now (default); otherwise call :meth:`attach` or use ``with``.
 
     After ``backward``, :meth:`squared_norms` returns the [B] total and :meth:`per_layer` the
@@ -140,7 +140,7 @@ class PerExampleGradNorms:
 
     def __init__(self, model: nn.Module, loss_reduction: str = "mean", *, fallback: str | None = "error",
                  method: str = "auto", fused_conv: bool = True, fused_linear: bool = True,
-                 fused_group_norm: bool = True, attach: bool = True):
+                 fused_norm: bool = True, attach: bool = True):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if fallback not in _FALLBACKS:
@@ -152,10 +152,10 @@ class PerExampleGradNorms:
         self.fallback = fallback or "error"
         self.method = "materialize" if method == "materialise" else method
         for name, value in (("fused_conv", fused_conv), ("fused_linear", fused_linear),
-                            ("fused_group_norm", fused_group_norm)):
+                            ("fused_norm", fused_norm)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-        self.fused_conv, self.fused_linear, self.fused_group_norm = fused_conv, fused_linear, fused_group_norm
+        self.fused_conv, self.fused_linear, self.fused_norm = fused_conv, fused_linear, fused_norm
         self._layers = self._plan(model)
         self._handles: list = []
         self._suspended = False  # True while the functorch fallback re-runs a module
@@ -316,12 +316,18 @@ class PerExampleGradNorms:
                     return None
                 return _ConvWithExampleGrads, (x, mod.weight, mod.bias, geometry), True
             return conv
-        if self.fused_group_norm and layer.kind is nn.GroupNorm:
+        if self.fused_norm and layer.kind is nn.GroupNorm:
             def group_norm(mod, input):
                 if not _group_norm_fuses(mod, input):
                     return None
                 return _GroupNormWithExampleGrads, (input, mod.weight, mod.bias, mod.num_groups, mod.eps), True
             return group_norm
+        if self.fused_norm and layer.kind is nn.LayerNorm:
+            def layer_norm(mod, input):
+                if not _layer_norm_fuses(mod, input):
+                    return None
+                return _LayerNormWithExampleGrads, (input, mod.weight, mod.bias, list(mod.normalized_shape), mod.eps), True
+            return layer_norm
         if self.fused_linear and layer.kind is nn.Linear:
             def linear(mod, input):
                 if input.dim() < 3:
@@ -351,6 +357,8 @@ class PerExampleGradNorms:
                     function, args, holds = plan
                     use = _Use((input,), {})
                     output = _apply_under_autocast(function, *args, _FusedCall(self, layer, use, holds))
+                    if isinstance(output, tuple):  # the norms' functions: (output, mean, rstd)
+                        output = output[0]
                     self._admit(layer, mod, (input,), output)  # always admitted: the weight requires grad
                     layer.uses.append(use)
                     return output

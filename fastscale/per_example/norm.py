@@ -1,6 +1,8 @@
 """``nn.LayerNorm``/``nn.RMSNorm``/``nn.GroupNorm`` affine parameters: sum over positions of
 xhat * delta. LayerNorm and RMSNorm recompute xhat from the saved input; GroupNorm, whose
-statistics are per (example, group), takes them from its forward and never forms xhat."""
+statistics are per (example, group), takes them from its forward and never forms xhat. On the
+CPU a GroupNorm or LayerNorm whose weight trains runs its own backward instead, which forms
+these sums in the passes the input gradient needs anyway."""
 
 from __future__ import annotations
 
@@ -52,9 +54,22 @@ def _native_rows(x: Tensor, d: Tensor) -> bool:
 
 def _group_norm_fuses(mod: nn.GroupNorm, x: Tensor) -> bool:
     """Whether a GroupNorm call runs through :class:`_GroupNormWithExampleGrads`: its weight
-    trains, and the CPU kernels take x as it is (contiguous fp32/fp64, no autocast)."""
-    return (mod.weight is not None and mod.weight.requires_grad and x.dim() >= 2 and x.is_contiguous()
+    trains, and the CPU kernels take x as it is (contiguous fp32/fp64, not empty, no autocast)."""
+    return (mod.weight is not None and mod.weight.requires_grad and x.dim() >= 2 and x.numel() > 0 and x.is_contiguous()
             and mod.weight.dtype == x.dtype and _native_rows(x, x) and not torch.is_autocast_enabled("cpu"))
+
+
+def _differentiable_grads(norm, x: Tensor, weight: Tensor, grad_out: Tensor, need_x: bool, batch_dims):
+    """(dx, dweight) of ``norm(x, weight)`` (the norm without its bias) against ``grad_out``, as
+    differentiable functions of x, weight and grad_out, for a backward that builds a graph.
+    dx: autograd of the recomputed norm with respect to x alone (asked for x and weight
+    together, autograd would also follow x's own history back to earlier uses of the same
+    weight). dweight: the sum of xhat * grad_out, written out."""
+    with torch.enable_grad():
+        dx = torch.autograd.grad(norm(x, weight), x, grad_out, create_graph=True)[0] if need_x else None
+        xhat = norm(x, None)
+        dw = (xhat * grad_out).sum(batch_dims).view_as(weight)
+    return dx, dw
 
 
 class _GroupNormWithExampleGrads(torch.autograd.Function):
@@ -66,24 +81,26 @@ class _GroupNormWithExampleGrads(torch.autograd.Function):
     (double backward) differentiates a recomputed ``F.group_norm`` instead."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, call):
+    def forward(x, weight, bias, groups, eps, call):
         n, c = x.shape[:2]
-        out, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x[0, 0].numel(), groups, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.groups, ctx.eps, ctx.call = groups, eps, call
-        return out
+        return torch.ops.aten.native_group_norm(x, weight, bias, n, c, math.prod(x.shape[2:]), groups, eps)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, groups, eps, call = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.groups, ctx.eps, ctx.call = groups, eps, call
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         x, weight, mean, rstd = ctx.saved_tensors
         n, c, g = x.shape[0], x.shape[1], ctx.groups
-        hw = x[0, 0].numel()
-        if torch.is_grad_enabled():  # double backward: autograd's own backward of group_norm
-            wanted = [t for t, need in zip((x, weight), ctx.needs_input_grad[:2]) if need]
-            with torch.enable_grad():
-                grads = iter(torch.autograd.grad(F.group_norm(x, g, weight, None, ctx.eps), wanted, grad_out,
-                                                 create_graph=True))
-            dx, dw = (next(grads) if need else None for need in ctx.needs_input_grad[:2])
+        hw = math.prod(x.shape[2:])
+        if torch.is_grad_enabled():  # double backward: differentiable ops
+            dx, dw = _differentiable_grads(lambda t, w: F.group_norm(t, g, w, None, ctx.eps), x, weight, grad_out,
+                                           ctx.needs_input_grad[0], (0, *range(2, x.dim())))
             db = grad_out.sum([0, *range(2, grad_out.dim())])
             with torch.no_grad():
                 sxd, sd = torch.linalg.vecdot(x.reshape(n, c, hw), grad_out.reshape(n, c, hw)), grad_out.reshape(n, c, hw).sum(2)
@@ -99,10 +116,60 @@ class _GroupNormWithExampleGrads(torch.autograd.Function):
             dbias = (sd.view(n, g, -1) * gamma).sum(2, keepdim=True)
             c2 = (dbias * mean_ - ds) * rstd_ ** 3 * scale
             c3 = -c2 * mean_ - dbias * rstd_ * scale
-            coeff = [t.expand(n, g, c // g).reshape(n * c) for t in (rstd_ * gamma, c2, c3)]
-            dx = ops.row_affine(grad_out.reshape(n * c, hw), x.view(n * c, hw), *coeff).view_as(x)
+            dx = None
+            if ctx.needs_input_grad[0]:
+                coeff = [t.expand(n, g, c // g).reshape(n * c) for t in (rstd_ * gamma, c2, c3)]
+                dx = ops.row_affine(grad_out.reshape(n * c, hw), x.view(n * c, hw), *coeff).view_as(x)
             dw, db = w_rows.sum(0), sd.sum(0)
         ctx.call.arrive(grad_out.detach(), (w_rows.detach(), sd.detach()))
+        return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
+                db if ctx.needs_input_grad[2] else None, None, None, None)
+
+
+def _layer_norm_fuses(mod: nn.LayerNorm, x: Tensor) -> bool:
+    """Whether a LayerNorm call runs through :class:`_LayerNormWithExampleGrads` (as
+    :func:`_group_norm_fuses`; the batch must not be among the normalised dims)."""
+    return (isinstance(mod, nn.LayerNorm) and mod.weight is not None and mod.weight.requires_grad
+            and x.dim() > len(mod.normalized_shape) and x.numel() > 0 and x.is_contiguous()
+            and mod.weight.dtype == x.dtype
+            and _native_rows(x, x) and not torch.is_autocast_enabled("cpu"))
+
+
+class _LayerNormWithExampleGrads(torch.autograd.Function):
+    """``F.layer_norm(x, shape, weight, bias, eps)`` whose backward is one kernel
+    (fastscale::layer_norm_example_backward) that also sums each example's rows of x̂·dy and dy
+    apart: every example's weight and bias gradient, handed to ``call.arrive`` as the call's
+    example gradients ([B, k] each). Double backward differentiates a recomputed
+    ``F.layer_norm``."""
+
+    @staticmethod
+    def forward(x, weight, bias, normalized_shape, eps, call):
+        return torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, normalized_shape, eps, call = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.shape, ctx.eps, ctx.call = normalized_shape, eps, call
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        b, k = x.shape[0], weight.numel()
+        if torch.is_grad_enabled():  # double backward: differentiable ops
+            dx, dw = _differentiable_grads(lambda t, w: F.layer_norm(t, ctx.shape, w, None, ctx.eps), x, weight,
+                                           grad_out, ctx.needs_input_grad[0], tuple(range(x.dim() - weight.dim())))
+            db = grad_out.reshape(-1, k).sum(0).view_as(weight)
+            with torch.no_grad():
+                xhat = F.layer_norm(x, ctx.shape, None, None, ctx.eps)
+                w_rows, b_rows = (xhat * grad_out).reshape(b, -1, k).sum(1), grad_out.reshape(b, -1, k).sum(1)
+        else:
+            dx, w_rows, b_rows = ops.layer_norm_example_backward(
+                grad_out.reshape(b, -1, k), x.view(b, -1, k), mean.view(b, -1), rstd.view(b, -1), weight.view(k))
+            dx, dw, db = dx.view_as(x), w_rows.sum(0).view_as(weight), b_rows.sum(0).view_as(weight)
+        ctx.call.arrive(grad_out.detach(), (w_rows.detach(), b_rows.detach()))
         return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
                 db if ctx.needs_input_grad[2] else None, None, None, None)
 
@@ -141,11 +208,9 @@ def _norm_sq(mod: nn.Module, uses, method: str = "auto") -> Tensor:
     gw = gb = 0  # per-example gradients, [B, affine size], summed over positions and calls
     for u in uses:
         x, d = _acc(u.args[0]), _acc(u.grad)
-        if isinstance(mod, nn.GroupNorm):
-            if u.example_grads is not None:  # a fused call: its backward formed them
-                w_rows, b_rows = u.example_grads
-            else:
-                w_rows, b_rows = _group_norm_grads(mod, x, d, u.kept, weight)
+        if u.example_grads is not None or isinstance(mod, nn.GroupNorm):
+            # a fused call's backward formed them (GroupNorm, LayerNorm); else GroupNorm's rule
+            w_rows, b_rows = u.example_grads or _group_norm_grads(mod, x, d, u.kept, weight)
             gw, gb = (gw + w_rows if weight else 0), (gb + b_rows if bias else 0)
             continue
         k = math.prod(mod.normalized_shape)
