@@ -219,21 +219,6 @@ inline void check_row_dot_sums_inputs(const at::Tensor& x, const at::Tensor& d) 
   TORCH_CHECK(x.sizes() == d.sizes(), "fastscale: d has shape ", d.sizes(), " but x has ", x.sizes());
 }
 
-// Every input of fastscale::row_affine: d and x as for row_dot_sums, a, b and c 1-D, one per row,
-// of the same dtype and device.
-inline void check_row_affine_inputs(const at::Tensor& d, const at::Tensor& x, const at::Tensor& a,
-                                    const at::Tensor& b, const at::Tensor& c) {
-  check_row_dot_sums_inputs(x, d);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"a", a}, {"b", b}, {"c", c}}) {
-    TORCH_CHECK(t.defined() && t.layout() == at::kStrided, "fastscale: ", name, " must be a dense tensor");
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), "fastscale: ", name, " must be 1-D with one element per row (",
-                x.size(0), "), got shape ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastscale: ", name, " has dtype ", t.scalar_type(),
-                " but x has ", x.scalar_type());
-    TORCH_CHECK(t.device() == x.device(), "fastscale: ", name, " is on ", t.device(), " but x is on ", x.device());
-  }
-}
-
 // Every input of fastscale::layer_norm_example_backward: grad_output and input [B, T, k] as for
 // linear_example_sq; mean and rstd [B, T] and weight [k], dense, of their dtype and device.
 inline void check_layer_norm_example_inputs(const at::Tensor& grad_output, const at::Tensor& input,
@@ -246,6 +231,29 @@ inline void check_layer_norm_example_inputs(const at::Tensor& grad_output, const
                                       {"rstd", rstd, 2}, {"weight", weight, 1}}) {
     TORCH_CHECK(t.defined() && t.layout() == at::kStrided, "fastscale: ", name, " must be a dense tensor");
     const auto want = dims == 2 ? input.sizes().slice(0, 2) : input.sizes().slice(2);
+    TORCH_CHECK(t.sizes() == want, "fastscale: ", name, " must have shape ", want, ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fastscale: ", name, " has dtype ", t.scalar_type(),
+                " but input has ", input.scalar_type());
+    TORCH_CHECK(t.device() == input.device(), "fastscale: ", name, " is on ", t.device(), " but input is on ",
+                input.device());
+  }
+}
+
+// Every input of fastscale::group_norm_example_backward: grad_output and input [N, C, HW] as for
+// linear_example_sq; mean and rstd [N, groups] and weight [C] of their dtype and device; groups
+// divides C.
+inline void check_group_norm_example_inputs(const at::Tensor& grad_output, const at::Tensor& input,
+                                            const at::Tensor& mean, const at::Tensor& rstd,
+                                            const at::Tensor& weight, int64_t groups) {
+  check_float_pair("input", input, "grad_output", grad_output, 3, "[batch, channels, positions]");
+  TORCH_CHECK(input.sizes() == grad_output.sizes(), "fastscale: grad_output has shape ", grad_output.sizes(),
+              " but input has ", input.sizes());
+  TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0, "fastscale: groups must be >= 1 and divide the ",
+              input.size(1), " channels, got ", groups);
+  const int64_t rows[] = {input.size(0), groups};
+  for (const auto& [name, t, want] : {std::tuple<const char*, const at::Tensor&, at::IntArrayRef>{"mean", mean, rows},
+                                      {"rstd", rstd, rows}, {"weight", weight, input.sizes().slice(1, 1)}}) {
+    TORCH_CHECK(t.defined() && t.layout() == at::kStrided, "fastscale: ", name, " must be a dense tensor");
     TORCH_CHECK(t.sizes() == want, "fastscale: ", name, " must have shape ", want, ", got ", t.sizes());
     TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fastscale: ", name, " has dtype ", t.scalar_type(),
                 " but input has ", input.scalar_type());

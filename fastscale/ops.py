@@ -40,12 +40,13 @@ _lib.impl("fused_sgd_", reference.fused_sgd_, "CompositeExplicitAutograd")
 _lib.impl("accumulate_grad_", reference.accumulate_grad_, "CompositeExplicitAutograd")
 _lib.impl("arrival_norms_", reference.arrival_norms_, "CompositeExplicitAutograd")
 _lib.define("row_dot_sums(Tensor x, Tensor d) -> (Tensor, Tensor)")
-_lib.define("row_affine(Tensor d, Tensor x, Tensor a, Tensor b, Tensor c) -> Tensor")
+_lib.define("group_norm_example_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, Tensor weight, "
+            "int groups, bool input_grad) -> (Tensor, Tensor, Tensor)")
 _lib.define("layer_norm_example_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, Tensor weight) "
             "-> (Tensor, Tensor, Tensor)")
 _lib.impl("linear_example_sq", reference.linear_example_sq, "CompositeExplicitAutograd")
 _lib.impl("row_dot_sums", reference.row_dot_sums, "CompositeExplicitAutograd")
-_lib.impl("row_affine", reference.row_affine, "CompositeExplicitAutograd")
+_lib.impl("group_norm_example_backward", reference.group_norm_example_backward, "CompositeExplicitAutograd")
 _lib.impl("layer_norm_example_backward", reference.layer_norm_example_backward, "CompositeExplicitAutograd")
 _lib.impl("conv_example_sq", reference.conv_example_sq, "CompositeExplicitAutograd")
 
@@ -84,9 +85,10 @@ def _row_dot_sums_fake(x, d):
     return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
 
 
-@torch.library.register_fake("fastscale::row_affine")
-def _row_affine_fake(d, x, a, b, c):
-    return x.new_empty(x.shape)
+@torch.library.register_fake("fastscale::group_norm_example_backward")
+def _group_norm_example_backward_fake(grad_output, input, mean, rstd, weight, groups, input_grad):
+    rows = input.new_empty(input.shape[:2])
+    return input.new_empty(input.shape if input_grad else (0,)), rows, rows.clone()
 
 
 @torch.library.register_fake("fastscale::layer_norm_example_backward")
@@ -125,9 +127,10 @@ def row_dot_sums(x, d) -> tuple[Tensor, Tensor]:
     return torch.ops.fastscale.row_dot_sums(x, d)
 
 
-def row_affine(d, x, a, b, c) -> Tensor:
-    """``torch.ops.fastscale.row_affine``; see :func:`fastscale.reference.row_affine`."""
-    return torch.ops.fastscale.row_affine(d, x, a, b, c)
+def group_norm_example_backward(grad_output, input, mean, rstd, weight, groups, input_grad) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.fastscale.group_norm_example_backward``; see
+    :func:`fastscale.reference.group_norm_example_backward`."""
+    return torch.ops.fastscale.group_norm_example_backward(grad_output, input, mean, rstd, weight, groups, input_grad)
 
 
 def layer_norm_example_backward(grad_output, input, mean, rstd, weight) -> tuple[Tensor, Tensor, Tensor]:

@@ -250,21 +250,44 @@ def row_dot_sums(x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.vecdot(x, d), d.sum(1)
 
 
-def row_affine(d: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    r"""``a[r] d[r, k] + b[r] x[r, k] + c[r]`` for d, x [R, N] and a, b, c [R], of one dtype
-    (float32 or float64): GroupNorm's input gradient, one row per (example, channel)."""
-    _check_float_pair("x", x, "d", d, 2, "[rows, n]")
-    if d.shape != x.shape:
-        raise ValueError(f"fastscale: d has shape {tuple(d.shape)} but x has {tuple(x.shape)}")
-    for name, t in (("a", a), ("b", b), ("c", c)):
-        if t.dim() != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"fastscale: {name} must be 1-D with one element per row ({x.shape[0]}), got shape "
-                             f"{tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"fastscale: {name} has dtype {t.dtype} but x has {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"fastscale: {name} is on {t.device} but x is on {x.device}")
-    return a.unsqueeze(1) * d + b.unsqueeze(1) * x + c.unsqueeze(1)
+def group_norm_example_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+                                groups: int, input_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    r"""GroupNorm's backward for ``input`` [N, C, HW] with the ``mean`` and ``rstd`` [N, groups]
+    of its forward and its ``weight`` [C], that also gives every example's weight and bias
+    gradient. Per (example n, channel c in group g), with sxd = Σ x dy and sd = Σ dy over HW::
+
+        w_rows[n, c] = rstd (sxd − mean sd),    b_rows[n, c] = sd              [N, C] each
+        dx = rstd w dy + c2 x + c3,   ds = Σ_{c in g} sxd w,  db = Σ_{c in g} sd w,
+        c2 = (db mean − ds) rstd³ / (C/groups · HW),   c3 = −c2 mean − db rstd / (C/groups · HW)
+
+    (torch's formula); dx is an empty tensor unless ``input_grad``. In the inputs' dtype
+    (float32 or float64).
+    """
+    _check_float_pair("input", input, "grad_output", grad_output, 3, "[batch, channels, positions]")
+    if grad_output.shape != input.shape:
+        raise ValueError(f"fastscale: grad_output has shape {tuple(grad_output.shape)} but input has {tuple(input.shape)}")
+    n, c, hw = input.shape
+    if groups < 1 or c % groups:
+        raise ValueError(f"fastscale: groups must be >= 1 and divide the {c} channels, got {groups}")
+    for name, t, want in (("mean", mean, (n, groups)), ("rstd", rstd, (n, groups)), ("weight", weight, (c,))):
+        if tuple(t.shape) != want:
+            raise ValueError(f"fastscale: {name} must have shape {list(want)}, got {list(t.shape)}")
+        if t.dtype != input.dtype:
+            raise ValueError(f"fastscale: {name} has dtype {t.dtype} but input has {input.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"fastscale: {name} is on {t.device} but input is on {input.device}")
+    sxd, sd = (input * grad_output).sum(2).view(n, groups, -1), grad_output.sum(2).view(n, groups, -1)
+    mean_, rstd_, gamma = mean.unsqueeze(2), rstd.unsqueeze(2), weight.view(1, groups, -1)
+    w_rows = ((sxd - mean_ * sd) * rstd_).view(n, c)
+    if not input_grad:
+        return input.new_empty(0), w_rows, sd.reshape(n, c)
+    scale = 1.0 / (c // groups * hw)
+    ds, db = (sxd * gamma).sum(2, keepdim=True), (sd * gamma).sum(2, keepdim=True)
+    c2 = (db * mean_ - ds) * rstd_ ** 3 * scale
+    c3 = -c2 * mean_ - db * rstd_ * scale
+    dx = ((rstd_ * gamma).unsqueeze(3) * grad_output.view(n, groups, -1, hw) + c2.unsqueeze(3) * input.view(n, groups, -1, hw)
+          + c3.unsqueeze(3))
+    return dx.view(n, c, hw), w_rows, sd.reshape(n, c)
 
 
 def layer_norm_example_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,

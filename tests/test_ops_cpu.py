@@ -645,8 +645,54 @@ def test_layer_norm_example_backward_errors_and_opcheck():
     torch.library.opcheck(torch.ops.fastscale.layer_norm_example_backward.default, (dy, x, mean, rstd, w))
 
 
-# ---- row_dot_sums: (sum x d, sum d) per row in one read of each (GroupNorm's per-example sums);
-# row_affine: a d + b x + c per row (GroupNorm's input gradient).
+# ---- group_norm_example_backward: GroupNorm's backward with every example's weight and bias
+# gradient from its first pass.
+
+@pytest.mark.parametrize("shape,groups", [((1, 1, 1), 1), ((3, 6, 7), 3), ((64, 32, 1024), 8), ((2, 4, 300), 4),
+                                          ((5, 8, 1), 2)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_group_norm_example_backward(dtype, shape, groups):
+    n, c, hw = shape
+    x = torch.randn(shape, dtype=dtype) * 3 + 1
+    weight, bias = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    _, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, groups, 1e-5)
+    dy = torch.randn(shape, dtype=dtype)
+    got = torch.ops.fastscale.group_norm_example_backward(dy, x, mean, rstd, weight, groups, True)
+    want = reference.group_norm_example_backward(dy, x, mean, rstd, weight, groups, True)
+    # fp32: sums of hw products in another order than torch's, with cancellation (x has mean 1),
+    # times rstd (1/sqrt(eps) for a group of one element): relative to the largest entry and rstd
+    amp = max(1.0, rstd.max().item())
+    tol = lambda w: (dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64  # noqa: E731
+                     else dict(rtol=1e-4, atol=2e-6 * amp * max(w.abs().max().item(), 1.0)))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, **tol(w))
+    # and torch's own backward: the same input gradient, the rows summed
+    dx, dw, db = torch.ops.aten.native_group_norm_backward(dy, x, mean, rstd, weight, n, c, hw, groups, [True] * 3)
+    for g, w in ((got[0], dx), (got[1].sum(0), dw), (got[2].sum(0), db)):
+        torch.testing.assert_close(g, w, **tol(w))
+    no_dx = torch.ops.fastscale.group_norm_example_backward(dy, x, mean, rstd, weight, groups, False)
+    assert no_dx[0].numel() == 0 and torch.equal(no_dx[1], got[1]) and torch.equal(no_dx[2], got[2])
+
+
+def test_group_norm_example_backward_errors_and_opcheck():
+    x, dy = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    mean, rstd, w = torch.randn(2, 2), torch.rand(2, 2) + 0.5, torch.randn(4)
+    cases = [((dy, x[0], mean, rstd, w, 2, True), r"input must be 3-D"),
+             ((dy[:, :2], x, mean, rstd, w, 2, True), r"grad_output has shape"),
+             ((dy, x, mean, rstd, w, 3, True), r"groups must be >= 1 and divide the 4 channels, got 3"),
+             ((dy, x, mean[:, :1], rstd, w, 2, True), r"mean must have shape \[2, 2\]"),
+             ((dy, x, mean, rstd.double(), w, 2, True), r"rstd has dtype (Double|torch.float64) but input has"),
+             ((dy, x, mean, rstd, w[:3], 2, True), r"weight must have shape \[4\]")]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fastscale.group_norm_example_backward(*args)
+        with pytest.raises(ValueError, match=message):
+            reference.group_norm_example_backward(*args)
+    torch.library.opcheck(torch.ops.fastscale.group_norm_example_backward.default, (dy, x, mean, rstd, w, 2, True))
+
+
+# ---- row_dot_sums: (sum x d, sum d) per row in one read of each (GroupNorm's hooked rule).
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (2048, 1024), (5, 70_001), (0, 4), (3, 0)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -662,37 +708,6 @@ def test_row_dot_sums(dtype, shape):
     torch.testing.assert_close(sums, want_sums, rtol=0, atol=eps * size(d) + 1e-30)
     x_t = x.t().contiguous().t()  # column-major: summed from a contiguous copy
     torch.testing.assert_close(torch.ops.fastscale.row_dot_sums(x_t, d)[0], dots)
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (2048, 1024), (5, 70_001), (0, 4), (3, 0)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_row_affine(dtype, shape):
-    d, x = rand([shape, shape], dtype)
-    a, b, c = rand([shape[:1]] * 3, dtype)
-    got = torch.ops.fastscale.row_affine(d, x, a, b, c)
-    assert got.dtype == dtype and got.shape == shape
-    # elementwise, two products and two sums each: a few ulps of its terms' sizes
-    size = (a.unsqueeze(1) * d).abs() + (b.unsqueeze(1) * x).abs() + c.abs().unsqueeze(1)
-    diff = (got - reference.row_affine(d, x, a, b, c)).abs()
-    assert (diff <= 4 * torch.finfo(dtype).eps * size).all()
-    if shape[0] > 1 and shape[1]:  # each row its own coefficients
-        assert not torch.equal(got, reference.row_affine(d, x, a.flip(0), b, c))
-    d_t = d.t().contiguous().t()
-    torch.testing.assert_close(torch.ops.fastscale.row_affine(d_t, x, a, b, c), got, rtol=0, atol=0)
-
-
-def test_row_affine_errors_and_opcheck():
-    d, x, a = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3)
-    for args, message in [((d, x, a[:2], a, a), r"a must be 1-D with one element per row \(3\)"),
-                          ((d[0], x[0], a, a, a), r"x must be 2-D"),
-                          ((d, x, a, a.double(), a), r"b has dtype (Double|torch.float64) but x has"),
-                          ((d, x, a, a, a.reshape(3, 1)), r"c must be 1-D"),
-                          ((d[:, :3], x, a, a, a), r"d has shape"), ((d, x.double(), a, a, a), r"d has dtype")]:
-        with pytest.raises(RuntimeError, match=message):
-            torch.ops.fastscale.row_affine(*args)
-        with pytest.raises(ValueError, match=message):
-            reference.row_affine(*args)
-    torch.library.opcheck(torch.ops.fastscale.row_affine.default, (d, x, a, torch.randn(3), torch.randn(3)))
 
 
 def test_row_dot_sums_errors_and_opcheck():

@@ -619,39 +619,6 @@ class GroupNorms(nn.Module):
         return self.head(torch.tanh(self.gn1d(self.c1d(h.flatten(2)))).mean(2))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_group_norm(dtype):
-    # On the CPU a GroupNorm whose weight trains runs the fused backward: the input, weight and
-    # bias gradients equal autograd's, and the norms (from the first pass's sums) the reference.
-    torch.manual_seed(27)
-    model = GroupNorms().to(dtype)
-    x, y = cnn2d_data()
-    x = x.to(dtype)
-    want = plain_grads(copy.deepcopy(model), x, y, ce)
-    calls = []
-    for m in model.modules():
-        if isinstance(m, nn.GroupNorm):
-            m.register_forward_hook(lambda mod, args, out: calls.append(type(out.grad_fn).__name__))
-    with PerExampleGradNorms(model):
-        got = plain_grads(model, x, y, ce)
-    fused = "_GroupNormWithExampleGradsBackward"
-    # gn twice, frozen_bias, gn1d fused; frozen_weight hooked
-    assert calls == ([fused, fused, fused, "NativeGroupNormBackward0", fused] if NATIVE else
-                     ["NativeGroupNormBackward0"] * 5), calls
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, **tol)
-    check(model, x, y, ce)
-    check(model, x, y, ce, fused_norm=False)
-    # and a gradient penalty through it, gn called twice: asked for x and weight at once,
-    # autograd would follow x back to gn's first call and count that weight twice
-    want = plain_grads(copy.deepcopy(model), x, y, ce, create_graph=True)
-    with PerExampleGradNorms(model):
-        got = plain_grads(model, x, y, ce, create_graph=True)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, **tol)
-
-
 def test_fused_norms_under_torch_func_and_with_an_empty_batch():
     # With the hooks attached, torch.func transforms of the model see the fused norms' autograd
     # functions (setup_context style), and an empty batch runs its forward as without hooks.
@@ -702,28 +669,36 @@ class LayerNorms(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_layer_norm(dtype, arrivals):
-    # On the CPU a LayerNorm whose weight trains runs the fused backward: input, weight and bias
-    # gradients equal autograd's; the norms equal the reference, also with the fusion off.
-    torch.manual_seed(28)
-    model = LayerNorms().to(dtype)
-    x, y = torch.randn(4, 5, 2, 6, dtype=dtype), torch.randint(0, 3, (4,))
+@pytest.mark.parametrize("kind", ["group", "layer"])
+def test_fused_norm(kind, dtype):
+    # On the CPU a GroupNorm or LayerNorm whose weight trains runs the fused backward: input,
+    # weight and bias gradients equal autograd's, and the norms (from the backward's own sums)
+    # the reference, as with the fusion off.
+    torch.manual_seed(27)
+    if kind == "group":
+        (x, y), model, norm = cnn2d_data(), GroupNorms().to(dtype), nn.GroupNorm
+        fused, plain = "_GroupNormWithExampleGradsBackward", "NativeGroupNormBackward0"
+        expect = [fused, fused, fused, plain, fused]  # gn twice, frozen_bias, gn1d; frozen_weight hooked
+    else:
+        (x, y), model, norm = (torch.randn(4, 5, 2, 6), torch.randint(0, 3, (4,))), LayerNorms().to(dtype), nn.LayerNorm
+        fused, plain = "_LayerNormWithExampleGradsBackward", "NativeLayerNormBackward0"
+        expect = [fused] * 5 + [plain, fused]  # ln twice, two_dims, no_bias, frozen_bias, flat; frozen_weight hooked
+    x = x.to(dtype)
     want = plain_grads(copy.deepcopy(model), x, y, ce)
     calls = []
     for m in model.modules():
-        if isinstance(m, nn.LayerNorm):
+        if isinstance(m, norm):
             m.register_forward_hook(lambda mod, args, out: calls.append(type(out.grad_fn).__name__))
     with PerExampleGradNorms(model):
         got = plain_grads(model, x, y, ce)
-    fused, plain = "_LayerNormWithExampleGradsBackward", "NativeLayerNormBackward0"
-    # ln twice, two_dims, no_bias, frozen_bias, flat fused; frozen_weight hooked
-    assert calls == ([fused] * 5 + [plain, fused] if NATIVE else [plain] * 7), calls
+    assert calls == (expect if NATIVE else [plain] * len(expect)), calls
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, **tol)
     check(model, x, y, ce)
     check(model, x, y, ce, fused_norm=False)
-    # and a gradient penalty through it, ln called twice (see test_fused_group_norm)
+    # and a gradient penalty through it, the first norm called twice: asked for x and weight at
+    # once, autograd would follow x back to the first call and count that weight twice
     want = plain_grads(copy.deepcopy(model), x, y, ce, create_graph=True)
     with PerExampleGradNorms(model):
         got = plain_grads(model, x, y, ce, create_graph=True)

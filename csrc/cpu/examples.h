@@ -96,4 +96,20 @@ void column_sums(const T* x, int64_t rows, int64_t n, T* out) {
   }
 }
 
+// (sum_k x[k] d[k], sum_k d[k]) of one row of n, in T, in a fixed order for a given n.
+template <typename T>
+void dot_and_sum(const T* x, const T* d, int64_t n, T* dot, T* sum) {
+  T s_xd = 0, s_d = 0;
+#pragma omp simd reduction(+ : s_xd, s_d)
+  for (int64_t k = 0; k < n; ++k) {
+    s_xd += x[k] * d[k];
+    s_d += d[k];
+  }
+  *dot = s_xd;
+  *sum = s_d;
+}
+
+// at::parallel_for's grain for tasks of `elements` each: about 32K elements a task.
+inline int64_t tasks_per_grain(int64_t elements) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(elements, 1)); }
+
 }  // namespace fastscale::cpu

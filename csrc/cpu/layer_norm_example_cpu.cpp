@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/examples.h"
 
 namespace fastscale {
 namespace {
@@ -61,9 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_example_backward_cpu(
   at::Tensor dx = at::empty({batch, tokens, k}, x.options());
   at::Tensor w_rows = at::empty({batch, k}, x.options());
   at::Tensor b_rows = at::empty({batch, k}, x.options());
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(tokens * k, 1));  // ~32K elements a task
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_example_backward", [&] {
-    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, cpu::tasks_per_grain(tokens * k), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t row = b * tokens;
         example_rows(dy.const_data_ptr<scalar_t>() + row * k, x.const_data_ptr<scalar_t>() + row * k,

@@ -72,11 +72,24 @@ def _differentiable_grads(norm, x: Tensor, weight: Tensor, grad_out: Tensor, nee
     return dx, dw
 
 
-class _GroupNormWithExampleGrads(torch.autograd.Function):
+class _NormWithExampleGrads(torch.autograd.Function):
+    """What the fused norms share: their forward is torch's native kernel, (out, mean, rstd);
+    the backward gets x, weight, mean and rstd, and ``ctx.spec``, ``ctx.eps``, ``ctx.call`` from
+    the inputs (x, weight, bias, spec, eps, call), spec being the groups of a GroupNorm and the
+    normalised shape of a LayerNorm."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, ctx.spec, ctx.eps, ctx.call = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+
+
+class _GroupNormWithExampleGrads(_NormWithExampleGrads):
     """``F.group_norm(x, groups, weight, bias, eps)`` whose backward makes torch's two passes
-    itself (fastscale::row_dot_sums, then fastscale::row_affine for the input gradient), so the
-    per-example gradients of weight and bias, which come from the first pass's sums, cost no
-    pass of their own. They go to ``call.arrive`` as the call's example gradients ([B, C]
+    itself (fastscale::group_norm_example_backward), so the per-example gradients of weight and
+    bias, which come from the first pass's sums, cost no pass of their own. They go to ``call.arrive`` as the call's example gradients ([B, C]
     each; ``call``: the hooks' :class:`.hooks._FusedCall`). A backward that builds a graph
     (double backward) differentiates a recomputed ``F.group_norm`` instead."""
 
@@ -86,40 +99,24 @@ class _GroupNormWithExampleGrads(torch.autograd.Function):
         return torch.ops.aten.native_group_norm(x, weight, bias, n, c, math.prod(x.shape[2:]), groups, eps)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, groups, eps, call = inputs
-        _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.groups, ctx.eps, ctx.call = groups, eps, call
-
-    @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         x, weight, mean, rstd = ctx.saved_tensors
-        n, c, g = x.shape[0], x.shape[1], ctx.groups
+        n, c, g = x.shape[0], x.shape[1], ctx.spec
         hw = math.prod(x.shape[2:])
         if torch.is_grad_enabled():  # double backward: differentiable ops
             dx, dw = _differentiable_grads(lambda t, w: F.group_norm(t, g, w, None, ctx.eps), x, weight, grad_out,
                                            ctx.needs_input_grad[0], (0, *range(2, x.dim())))
             db = grad_out.sum([0, *range(2, grad_out.dim())])
             with torch.no_grad():
-                sxd, sd = torch.linalg.vecdot(x.reshape(n, c, hw), grad_out.reshape(n, c, hw)), grad_out.reshape(n, c, hw).sum(2)
+                xr, dr = x.reshape(n, c, hw), grad_out.reshape(n, c, hw)
+                sd = dr.sum(2)
+                mean_, rstd_ = mean.view(n, g, 1), rstd.view(n, g, 1)
+                sxd = torch.linalg.vecdot(xr, dr).view(n, g, -1)
+                w_rows = ((sxd - mean_ * sd.view(n, g, -1)) * rstd_).view(n, c)
         else:
-            sxd, sd = (t.view(n, c) for t in ops.row_dot_sums(x.view(n * c, hw), grad_out.reshape(n * c, hw)))
-        # each example's weight gradient: rstd (sum x d - mean sum d) per (example, channel)
-        mean_, rstd_ = mean.view(n, g, 1).to(sxd.dtype), rstd.view(n, g, 1).to(sxd.dtype)
-        w_rows = ((sxd.view(n, g, -1) - mean_ * sd.view(n, g, -1)) * rstd_).view(n, c)
-        if not torch.is_grad_enabled():
-            # the input gradient, as torch's kernel forms it: rstd w d + c2 x + c3 per (example, group)
-            gamma, scale = weight.view(1, g, -1), 1.0 / (c // g * hw)
-            ds = (sxd.view(n, g, -1) * gamma).sum(2, keepdim=True)
-            dbias = (sd.view(n, g, -1) * gamma).sum(2, keepdim=True)
-            c2 = (dbias * mean_ - ds) * rstd_ ** 3 * scale
-            c3 = -c2 * mean_ - dbias * rstd_ * scale
-            dx = None
-            if ctx.needs_input_grad[0]:
-                coeff = [t.expand(n, g, c // g).reshape(n * c) for t in (rstd_ * gamma, c2, c3)]
-                dx = ops.row_affine(grad_out.reshape(n * c, hw), x.view(n * c, hw), *coeff).view_as(x)
+            dx, w_rows, sd = ops.group_norm_example_backward(grad_out.reshape(n, c, hw), x.view(n, c, hw), mean.view(n, g),
+                                                             rstd.view(n, g), weight, g, ctx.needs_input_grad[0])
+            dx = dx.view_as(x) if ctx.needs_input_grad[0] else None
             dw, db = w_rows.sum(0), sd.sum(0)
         ctx.call.arrive(grad_out.detach(), (w_rows.detach(), sd.detach()))
         return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
@@ -135,7 +132,7 @@ def _layer_norm_fuses(mod: nn.LayerNorm, x: Tensor) -> bool:
             and _native_rows(x, x) and not torch.is_autocast_enabled("cpu"))
 
 
-class _LayerNormWithExampleGrads(torch.autograd.Function):
+class _LayerNormWithExampleGrads(_NormWithExampleGrads):
     """``F.layer_norm(x, shape, weight, bias, eps)`` whose backward is one kernel
     (fastscale::layer_norm_example_backward) that also sums each example's rows of x̂·dy and dy
     apart: every example's weight and bias gradient, handed to ``call.arrive`` as the call's
@@ -147,23 +144,15 @@ class _LayerNormWithExampleGrads(torch.autograd.Function):
         return torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, normalized_shape, eps, call = inputs
-        _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.shape, ctx.eps, ctx.call = normalized_shape, eps, call
-
-    @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         x, weight, mean, rstd = ctx.saved_tensors
         b, k = x.shape[0], weight.numel()
         if torch.is_grad_enabled():  # double backward: differentiable ops
-            dx, dw = _differentiable_grads(lambda t, w: F.layer_norm(t, ctx.shape, w, None, ctx.eps), x, weight,
+            dx, dw = _differentiable_grads(lambda t, w: F.layer_norm(t, ctx.spec, w, None, ctx.eps), x, weight,
                                            grad_out, ctx.needs_input_grad[0], tuple(range(x.dim() - weight.dim())))
             db = grad_out.reshape(-1, k).sum(0).view_as(weight)
             with torch.no_grad():
-                xhat = F.layer_norm(x, ctx.shape, None, None, ctx.eps)
+                xhat = F.layer_norm(x, ctx.spec, None, None, ctx.eps)
                 w_rows, b_rows = (xhat * grad_out).reshape(b, -1, k).sum(1), grad_out.reshape(b, -1, k).sum(1)
         else:
             dx, w_rows, b_rows = ops.layer_norm_example_backward(
