@@ -1,9 +1,10 @@
 // fastscale::conv_example_sq on the CPU: a Conv2d layer's weight gradient, every example's
-// squared share of it and every example's bias gradient, one example at a time, as linear_example_sq_cpu.cpp does for Linear: the
-// example's input patches (im2col, [C*kh*kw, Ho*Wo]) into a scratch, one BLAS matmul per group
-// with its output gradient into a scratch of the weight's shape, then one pass that adds that
-// into the weight gradient and takes its squared norm. Memory: one example's patches and
-// gradient, not B of them. The math is fastscale/reference.py's conv_example_sq.
+// squared share of it and every example's bias gradient, one example at a time, as
+// linear_example_sq_cpu.cpp does for Linear: the example's input patches (im2col,
+// [C*kh*kw, Ho*Wo]) into a scratch, one BLAS matmul per group with its output gradient into a
+// scratch of the weight's shape, then one pass that adds that into the weight gradient and takes
+// its squared norm. Memory: one example's patches and gradient per thread block
+// (cpu/examples.h), not B of them. The math is fastscale/reference.py's conv_example_sq.
 #include <cstring>
 #include <tuple>
 
@@ -88,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_example_sq_cpu(const at::Ten
   if (batch == 0) return {weight_grad.zero_(), sq, bias_grads};
   const bool pad = g.ph > 0 || g.pw > 0;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_example_sq", [&] {
-    cpu::over_example_blocks(batch, weight_grad, input.numel() + grad_output.numel(), [&](int64_t begin, int64_t end, const at::Tensor& sum) {
+    const int64_t held = input.numel() + grad_output.numel();
+    cpu::over_example_blocks(batch, weight_grad, held, [&](int64_t begin, int64_t end, const at::Tensor& sum) {
       const at::Tensor example = end - begin > 1 ? at::empty_like(sum) : sum;
       const at::Tensor patches = at::empty({groups, in_per_group, positions}, input.options());
       const at::Tensor padded =

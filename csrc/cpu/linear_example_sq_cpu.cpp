@@ -4,7 +4,8 @@
 // gradient and takes its squared norm (the arrival loop: |e|^2 while dw += e). So the
 // per-example norms cost that pass, not a second computation: B small matmuls of depth T were
 // measured as fast as autograd's one matmul of depth B*T on the bench transformer's layers, and
-// memory is one example's gradient, not B of them. The math is fastscale/reference.py's.
+// memory is one example's gradient per thread block (cpu/examples.h), not B of them. The math is
+// fastscale/reference.py's.
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -31,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_example_sq_cpu(const at::T
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_example_sq", [&] {
     const scalar_t* a = input.const_data_ptr<scalar_t>();
     const scalar_t* d = grad_output.const_data_ptr<scalar_t>();
-    cpu::over_example_blocks(batch, weight_grad, input.numel() + grad_output.numel(), [&](int64_t begin, int64_t end, const at::Tensor& sum) {
+    const int64_t held = input.numel() + grad_output.numel();
+    cpu::over_example_blocks(batch, weight_grad, held, [&](int64_t begin, int64_t end, const at::Tensor& sum) {
       const at::Tensor example = end - begin > 1 ? at::empty_like(sum) : sum;
       for (int64_t b = begin; b < end; ++b) {
         // d_b^T a_b, [out, in]; the block's first example straight into its sum

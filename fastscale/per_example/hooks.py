@@ -120,7 +120,8 @@ class PerExampleGradNorms:
         fused_linear: the same for ``nn.Linear`` calls on sequences ([B, T, d_in]) (default
             ``True``). On the CPU (fp32/fp64, compiled extension), a layer called once per
             forward gets its weight gradient and its examples' squared norms from one kernel
-            that forms one example's gradient at a time (d_in·d_out memory), where that pass
+            that forms one example's gradient at a time (d_in·d_out memory per thread
+            block, as many blocks as the call's own input and output pay for), where that pass
             costs less than the Gram form (d_in·d_out ≤ T²(d_in + d_out)). Elsewhere a call is
             fused where its B per-example weight gradients are affordable to hold
             (B·d_in·d_out at most ``per_example.linear.FUSE_MEMORY_FACTOR`` = 1 times the

@@ -29,7 +29,7 @@ def _holds(method: str, tokens: int, d_in: int, d_out: int) -> bool:
 
 def _native(x: Tensor, weight: Tensor) -> bool:
     """Whether ``fastscale::linear_example_sq`` has its CPU kernel for this call: it forms one
-    example's gradient at a time (memory d_in·d_out, not B times that)."""
+    example's gradient at a time (memory d_in·d_out per thread block, not B times that)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
             and "cpu" in _extension.native_device_types())
 

@@ -89,9 +89,10 @@ class _NormWithExampleGrads(torch.autograd.Function):
 class _GroupNormWithExampleGrads(_NormWithExampleGrads):
     """``F.group_norm(x, groups, weight, bias, eps)`` whose backward makes torch's two passes
     itself (fastscale::group_norm_example_backward), so the per-example gradients of weight and
-    bias, which come from the first pass's sums, cost no pass of their own. They go to ``call.arrive`` as the call's example gradients ([B, C]
-    each; ``call``: the hooks' :class:`.hooks._FusedCall`). A backward that builds a graph
-    (double backward) differentiates a recomputed ``F.group_norm`` instead."""
+    bias, which come from the first pass's sums, cost no pass of their own. They go to
+    ``call.arrive`` as the call's example gradients ([B, C] each; ``call``: the hooks'
+    :class:`.hooks._FusedCall`). A backward that builds a graph (double backward) works from
+    differentiable ops instead (:func:`_differentiable_grads`)."""
 
     @staticmethod
     def forward(x, weight, bias, groups, eps, call):
@@ -136,8 +137,8 @@ class _LayerNormWithExampleGrads(_NormWithExampleGrads):
     """``F.layer_norm(x, shape, weight, bias, eps)`` whose backward is one kernel
     (fastscale::layer_norm_example_backward) that also sums each example's rows of x̂·dy and dy
     apart: every example's weight and bias gradient, handed to ``call.arrive`` as the call's
-    example gradients ([B, k] each). Double backward differentiates a recomputed
-    ``F.layer_norm``."""
+    example gradients ([B, k] each). Double backward works from differentiable ops
+    (:func:`_differentiable_grads`)."""
 
     @staticmethod
     def forward(x, weight, bias, normalized_shape, eps, call):
