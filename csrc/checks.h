@@ -219,6 +219,21 @@ inline void check_row_dot_sums_inputs(const at::Tensor& x, const at::Tensor& d) 
   TORCH_CHECK(x.sizes() == d.sizes(), "fastscale: d has shape ", d.sizes(), " but x has ", x.sizes());
 }
 
+// A norm's forward statistics (mean, rstd) and weight beside its input: dense, of the given
+// shapes, of the input's dtype and device.
+inline void check_norm_stats(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
+                             at::IntArrayRef stats_shape, const at::Tensor& weight, at::IntArrayRef weight_shape) {
+  for (const auto& [name, t, want] : {std::tuple<const char*, const at::Tensor&, at::IntArrayRef>{"mean", mean, stats_shape},
+                                      {"rstd", rstd, stats_shape}, {"weight", weight, weight_shape}}) {
+    TORCH_CHECK(t.defined() && t.layout() == at::kStrided, "fastscale: ", name, " must be a dense tensor");
+    TORCH_CHECK(t.sizes() == want, "fastscale: ", name, " must have shape ", want, ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fastscale: ", name, " has dtype ", t.scalar_type(),
+                " but input has ", input.scalar_type());
+    TORCH_CHECK(t.device() == input.device(), "fastscale: ", name, " is on ", t.device(), " but input is on ",
+                input.device());
+  }
+}
+
 // Every input of fastscale::layer_norm_example_backward: grad_output and input [B, T, k] as for
 // linear_example_sq; mean and rstd [B, T] and weight [k], dense, of their dtype and device.
 inline void check_layer_norm_example_inputs(const at::Tensor& grad_output, const at::Tensor& input,
@@ -227,16 +242,7 @@ inline void check_layer_norm_example_inputs(const at::Tensor& grad_output, const
   check_float_pair("input", input, "grad_output", grad_output, 3, "[batch, tokens, features]");
   TORCH_CHECK(input.sizes() == grad_output.sizes(), "fastscale: grad_output has shape ", grad_output.sizes(),
               " but input has ", input.sizes());
-  for (const auto& [name, t, dims] : {std::tuple<const char*, const at::Tensor&, int64_t>{"mean", mean, 2},
-                                      {"rstd", rstd, 2}, {"weight", weight, 1}}) {
-    TORCH_CHECK(t.defined() && t.layout() == at::kStrided, "fastscale: ", name, " must be a dense tensor");
-    const auto want = dims == 2 ? input.sizes().slice(0, 2) : input.sizes().slice(2);
-    TORCH_CHECK(t.sizes() == want, "fastscale: ", name, " must have shape ", want, ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fastscale: ", name, " has dtype ", t.scalar_type(),
-                " but input has ", input.scalar_type());
-    TORCH_CHECK(t.device() == input.device(), "fastscale: ", name, " is on ", t.device(), " but input is on ",
-                input.device());
-  }
+  check_norm_stats(input, mean, rstd, input.sizes().slice(0, 2), weight, input.sizes().slice(2));
 }
 
 // Every input of fastscale::group_norm_example_backward: grad_output and input [N, C, HW] as for
@@ -251,15 +257,7 @@ inline void check_group_norm_example_inputs(const at::Tensor& grad_output, const
   TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0, "fastscale: groups must be >= 1 and divide the ",
               input.size(1), " channels, got ", groups);
   const int64_t rows[] = {input.size(0), groups};
-  for (const auto& [name, t, want] : {std::tuple<const char*, const at::Tensor&, at::IntArrayRef>{"mean", mean, rows},
-                                      {"rstd", rstd, rows}, {"weight", weight, input.sizes().slice(1, 1)}}) {
-    TORCH_CHECK(t.defined() && t.layout() == at::kStrided, "fastscale: ", name, " must be a dense tensor");
-    TORCH_CHECK(t.sizes() == want, "fastscale: ", name, " must have shape ", want, ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fastscale: ", name, " has dtype ", t.scalar_type(),
-                " but input has ", input.scalar_type());
-    TORCH_CHECK(t.device() == input.device(), "fastscale: ", name, " is on ", t.device(), " but input is on ",
-                input.device());
-  }
+  check_norm_stats(input, mean, rstd, rows, weight, input.sizes().slice(1, 1));
 }
 
 }  // namespace fastscale::checks

@@ -250,6 +250,19 @@ def row_dot_sums(x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.vecdot(x, d), d.sum(1)
 
 
+def _check_norm_stats(input: Tensor, mean: Tensor, rstd: Tensor, stats_shape: tuple, weight: Tensor,
+                      weight_shape: tuple) -> None:
+    """A norm's forward statistics and weight beside its input: of the given shapes, of the
+    input's dtype and device (csrc/checks.h's check_norm_stats)."""
+    for name, t, want in (("mean", mean, stats_shape), ("rstd", rstd, stats_shape), ("weight", weight, weight_shape)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"fastscale: {name} must have shape {list(want)}, got {list(t.shape)}")
+        if t.dtype != input.dtype:
+            raise ValueError(f"fastscale: {name} has dtype {t.dtype} but input has {input.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"fastscale: {name} is on {t.device} but input is on {input.device}")
+
+
 def group_norm_example_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
                                 groups: int, input_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     r"""GroupNorm's backward for ``input`` [N, C, HW] with the ``mean`` and ``rstd`` [N, groups]
@@ -269,13 +282,7 @@ def group_norm_example_backward(grad_output: Tensor, input: Tensor, mean: Tensor
     n, c, hw = input.shape
     if groups < 1 or c % groups:
         raise ValueError(f"fastscale: groups must be >= 1 and divide the {c} channels, got {groups}")
-    for name, t, want in (("mean", mean, (n, groups)), ("rstd", rstd, (n, groups)), ("weight", weight, (c,))):
-        if tuple(t.shape) != want:
-            raise ValueError(f"fastscale: {name} must have shape {list(want)}, got {list(t.shape)}")
-        if t.dtype != input.dtype:
-            raise ValueError(f"fastscale: {name} has dtype {t.dtype} but input has {input.dtype}")
-        if t.device != input.device:
-            raise ValueError(f"fastscale: {name} is on {t.device} but input is on {input.device}")
+    _check_norm_stats(input, mean, rstd, (n, groups), weight, (c,))
     sxd, sd = (input * grad_output).sum(2).view(n, groups, -1), grad_output.sum(2).view(n, groups, -1)
     mean_, rstd_, gamma = mean.unsqueeze(2), rstd.unsqueeze(2), weight.view(1, groups, -1)
     w_rows = ((sxd - mean_ * sd) * rstd_).view(n, c)
@@ -304,13 +311,7 @@ def layer_norm_example_backward(grad_output: Tensor, input: Tensor, mean: Tensor
     _check_float_pair("input", input, "grad_output", grad_output, 3, "[batch, tokens, features]")
     if grad_output.shape != input.shape:
         raise ValueError(f"fastscale: grad_output has shape {tuple(grad_output.shape)} but input has {tuple(input.shape)}")
-    for name, t, want in (("mean", mean, input.shape[:2]), ("rstd", rstd, input.shape[:2]), ("weight", weight, input.shape[2:])):
-        if t.shape != want:
-            raise ValueError(f"fastscale: {name} must have shape {list(want)}, got {list(t.shape)}")
-        if t.dtype != input.dtype:
-            raise ValueError(f"fastscale: {name} has dtype {t.dtype} but input has {input.dtype}")
-        if t.device != input.device:
-            raise ValueError(f"fastscale: {name} is on {t.device} but input is on {input.device}")
+    _check_norm_stats(input, mean, rstd, tuple(input.shape[:2]), weight, tuple(input.shape[2:]))
     xhat = (input - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     g = grad_output * weight
     k = input.shape[-1]

@@ -253,7 +253,7 @@ def test_group_norm_from_its_forwards_statistics(monkeypatch, stats, offset, fro
     rows, row_dot_sums = [], fastscale.ops.row_dot_sums
     monkeypatch.setattr(fastscale.ops, "row_dot_sums", lambda x, d: rows.append(x.shape) or row_dot_sums(x, d))
     if sums == "torch":
-        monkeypatch.setattr(norm, "_native_rows", lambda x, d: False)
+        monkeypatch.setattr(norm, "_cpu_kernel", lambda *tensors: False)
 
     keep, kept = registry.KEEPS[nn.GroupNorm], []
 
@@ -483,7 +483,7 @@ def test_fused_example_gradients_are_freed_once_reduced(case, form, monkeypatch,
     import gc
 
     if form == "held":
-        monkeypatch.setattr(per_example.linear, "_native", lambda x, weight: False)
+        monkeypatch.setattr(per_example.linear, "_cpu_kernel", lambda *tensors: False)
         monkeypatch.setattr(per_example.conv, "_native_example_sq", lambda *args: None)
     elif not NATIVE:
         pytest.skip("the CPU kernels are not built")
@@ -698,10 +698,12 @@ def test_fused_norm(kind, dtype):
     check(model, x, y, ce)
     check(model, x, y, ce, fused_norm=False)
     # and a gradient penalty through it, the first norm called twice: asked for x and weight at
-    # once, autograd would follow x back to the first call and count that weight twice
+    # once, autograd would follow x back to the first call and count that weight twice. The
+    # norms, taken in the backward that builds the graph, are the reference's still.
     want = plain_grads(copy.deepcopy(model), x, y, ce, create_graph=True)
-    with PerExampleGradNorms(model):
+    with PerExampleGradNorms(model) as norms:
         got = plain_grads(model, x, y, ce, create_graph=True)
+        assert_close(norms.squared_norms(), sum(reference(model, x, y, ce).values()), "double backward")
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, **tol)
 

@@ -4,7 +4,6 @@
 // gradients come from the first pass's sums: w_rows[n, c] = rstd (sum x dy - mean sum dy),
 // b_rows[n, c] = sum dy, at no pass of their own. Each example is one task: the result does not
 // depend on the number of threads. The math is fastscale/reference.py's group_norm_example_backward.
-#include <algorithm>
 #include <tuple>
 #include <vector>
 

@@ -5,9 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import _extension
+
 
 def _direct_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def _cpu_kernel(*tensors: Tensor) -> bool:
+    """Whether the compiled CPU kernels take these tensors: all on the CPU, of one dtype,
+    float32 or float64 (the per-example ops in csrc/cpu/ are built for those only)."""
+    dtype = tensors[0].dtype
+    return (dtype in (torch.float32, torch.float64) and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+            and "cpu" in _extension.native_device_types())
 
 
 def _acc(t: Tensor) -> Tensor:

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _extension, ops
-from .common import _acc, _cat, _prefers_gram, _summed_examples_sq, _weight_sq
+from .. import ops
+from .common import _acc, _cat, _cpu_kernel, _prefers_gram, _summed_examples_sq, _weight_sq
 from .registry import register
 
 
@@ -90,8 +90,7 @@ def _native_example_sq(x: Tensor, grad_out: Tensor, weight: Tensor, geometry):
     """``(weight_grad, sq, bias_grads)`` from ``fastscale::conv_example_sq``'s CPU kernel (one
     example's gradient at a time), or None where it has none: not the CPU, not fp32/fp64. A
     Conv1d is a Conv2d with a 1-high kernel."""
-    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and grad_out.dtype == x.dtype
-            and weight.dtype == x.dtype and "cpu" in _extension.native_device_types()):
+    if not _cpu_kernel(x, grad_out, weight):
         return None
     stride, padding, dilation, groups = geometry
     kernel = list(weight.shape[2:])

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .common import _direct_trainable
+from .common import _cpu_kernel, _direct_trainable
 from .conv import _ConvWithExampleGrads, _apply_under_autocast, _conv_call, _conv_prefers_gram
 from .functorch import _functorch_sq
-from .norm import _group_norm_fuses, _GroupNormWithExampleGrads, _layer_norm_fuses, _LayerNormWithExampleGrads
-from .linear import _fuses as _linear_fuses, _holds as _linear_holds, _LinearWithExampleGrads, _native as _linear_native
+from .norm import _fuses as _norm_fuses, _GroupNormWithExampleGrads, _LayerNormWithExampleGrads
+from .linear import _fuses as _linear_fuses, _holds as _linear_holds, _LinearWithExampleGrads
 from .registry import KEEPS, RULES, kind as _kind
 
 __all__ = ["PerExampleGradNorms"]
@@ -45,7 +45,7 @@ class _Use:
 
 class _FusedCall:
     """What a fused layer's autograd function (``_LinearWithExampleGrads``,
-    ``_ConvWithExampleGrads``) knows of the hooks: whether its call is the layer's only one
+    ``_ConvWithExampleGrads``, the norms' ``_NormWithExampleGrads``) knows of the hooks: whether its call is the layer's only one
     this step (then each example's squared norm can be taken per call), whether it may hold
     every example's weight gradient at once (``holds``), and where its backward's results go."""
 
@@ -319,13 +319,13 @@ class PerExampleGradNorms:
             return conv
         if self.fused_norm and layer.kind is nn.GroupNorm:
             def group_norm(mod, input):
-                if not _group_norm_fuses(mod, input):
+                if not _norm_fuses(mod, input):
                     return None
                 return _GroupNormWithExampleGrads, (input, mod.weight, mod.bias, mod.num_groups, mod.eps), True
             return group_norm
         if self.fused_norm and layer.kind is nn.LayerNorm:
             def layer_norm(mod, input):
-                if not _layer_norm_fuses(mod, input):
+                if not _norm_fuses(mod, input):
                     return None
                 return _LayerNormWithExampleGrads, (input, mod.weight, mod.bias, list(mod.normalized_shape), mod.eps), True
             return layer_norm
@@ -334,7 +334,7 @@ class PerExampleGradNorms:
                 if input.dim() < 3:
                     return None
                 tokens, shape = math.prod(input.shape[1:-1]), (mod.in_features, mod.out_features)
-                native = _linear_native(input, mod.weight) and not torch.is_autocast_enabled(input.device.type)
+                native = _cpu_kernel(input, mod.weight) and not torch.is_autocast_enabled(input.device.type)
                 if not _linear_fuses(self.method, tokens, *shape, native):
                     return None
                 return _LinearWithExampleGrads, (input, mod.weight, mod.bias), _linear_holds(self.method, tokens, *shape)
@@ -343,9 +343,9 @@ class PerExampleGradNorms:
 
     def _fused_forward(self, layer: _Layer, fused_call):
         """The layer's forward while attached (it replaces the forward hook): calls that
-        ``fused_call`` fuses run through its autograd function, which hands the examples' weight
-        gradients (or their squared norms) to the call's record; the rest run the module's own forward and are watched
-        like any other layer."""
+        ``fused_call`` fuses run through its autograd function, which hands the examples'
+        gradients (or their squared norms) to the call's record; the rest run the module's own
+        forward and are watched like any other layer."""
         own_forward = type(layer.module).forward
 
         def forward(mod, input):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _extension, ops
-from .common import _acc, _cat, _summed_examples_sq, _tokens, _weight_sq
+from .. import ops
+from .common import _acc, _cat, _cpu_kernel, _summed_examples_sq, _tokens, _weight_sq
 from .registry import register
 
 # Without the CPU kernel the fused form holds every example's weight gradient, B·d_in·d_out,
@@ -27,16 +27,10 @@ def _holds(method: str, tokens: int, d_in: int, d_out: int) -> bool:
     return method == "materialize" or d_in * d_out <= FUSE_MEMORY_FACTOR * tokens * (d_in + d_out)
 
 
-def _native(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``fastscale::linear_example_sq`` has its CPU kernel for this call: it forms one
-    example's gradient at a time (memory d_in·d_out per thread block, not B times that)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
-            and "cpu" in _extension.native_device_types())
-
-
 def _fuses(method: str, tokens: int, d_in: int, d_out: int, native: bool) -> bool:
     """Whether a call with ``tokens`` positions per example runs through the fused form. With
-    the CPU kernel its extra cost is one pass over each example's gradient (d_in·d_out), against
+    the CPU kernel (``fastscale::linear_example_sq``: one example's gradient at a time, memory
+    d_in·d_out per thread block) its extra cost is one pass over each example's gradient, against
     the Gram form's T²(d_in + d_out) multiply-adds; without it, memory decides (:func:`_holds`)."""
     if method == "gram" or tokens < 2:  # one token: the outer-product rule costs nothing
         return False
@@ -78,7 +72,7 @@ class _LinearWithExampleGrads(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = grad_out.matmul(weight)
         a, d = _tokens(x), _tokens(grad_out)
-        if not torch.is_grad_enabled() and _native(x, weight) and grad_out.dtype == x.dtype and call.alone():
+        if not torch.is_grad_enabled() and _cpu_kernel(x, weight, grad_out) and call.alone():
             dw, sq, bias_grads = ops.linear_example_sq(a, d)
             if ctx.needs_input_grad[2]:  # the bias's share of each example's norm rides along
                 db = bias_grads.sum(0)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _extension, ops
-from .common import _acc
+from .. import ops, reference
+from .common import _acc, _cpu_kernel
 from .registry import register
 
 _ROW_NORMS = tuple(m for m in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if m is not None)
@@ -46,17 +46,14 @@ def _group_stats(mod: nn.GroupNorm, output: Tensor):
     return mean.detach(), rstd.detach()
 
 
-def _native_rows(x: Tensor, d: Tensor) -> bool:
-    """Whether ``fastscale::row_dot_sums`` has its CPU kernel for these (fp32/fp64 on the CPU)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and d.dtype == x.dtype
-            and "cpu" in _extension.native_device_types())
-
-
-def _group_norm_fuses(mod: nn.GroupNorm, x: Tensor) -> bool:
-    """Whether a GroupNorm call runs through :class:`_GroupNormWithExampleGrads`: its weight
-    trains, and the CPU kernels take x as it is (contiguous fp32/fp64, not empty, no autocast)."""
-    return (mod.weight is not None and mod.weight.requires_grad and x.dim() >= 2 and x.numel() > 0 and x.is_contiguous()
-            and mod.weight.dtype == x.dtype and _native_rows(x, x) and not torch.is_autocast_enabled("cpu"))
+def _fuses(mod: nn.Module, x: Tensor) -> bool:
+    """Whether a GroupNorm or LayerNorm call runs through its fused function
+    (:class:`_GroupNormWithExampleGrads`, :class:`_LayerNormWithExampleGrads`): its weight
+    trains, and the CPU kernels take x as it is (contiguous fp32/fp64 like the weight, not empty,
+    no autocast), with the batch outside the normalised dims."""
+    normalised = 1 if isinstance(mod, nn.GroupNorm) else len(mod.normalized_shape)
+    return (mod.weight is not None and mod.weight.requires_grad and x.dim() > normalised and x.numel() > 0
+            and x.is_contiguous() and _cpu_kernel(x, mod.weight) and not torch.is_autocast_enabled("cpu"))
 
 
 def _differentiable_grads(norm, x: Tensor, weight: Tensor, grad_out: Tensor, need_x: bool, batch_dims):
@@ -108,12 +105,9 @@ class _GroupNormWithExampleGrads(_NormWithExampleGrads):
             dx, dw = _differentiable_grads(lambda t, w: F.group_norm(t, g, w, None, ctx.eps), x, weight, grad_out,
                                            ctx.needs_input_grad[0], (0, *range(2, x.dim())))
             db = grad_out.sum([0, *range(2, grad_out.dim())])
-            with torch.no_grad():
-                xr, dr = x.reshape(n, c, hw), grad_out.reshape(n, c, hw)
-                sd = dr.sum(2)
-                mean_, rstd_ = mean.view(n, g, 1), rstd.view(n, g, 1)
-                sxd = torch.linalg.vecdot(xr, dr).view(n, g, -1)
-                w_rows = ((sxd - mean_ * sd.view(n, g, -1)) * rstd_).view(n, c)
+            with torch.no_grad():  # the examples' rows from the op's twin
+                _, w_rows, sd = reference.group_norm_example_backward(
+                    grad_out.reshape(n, c, hw), x.view(n, c, hw), mean.view(n, g), rstd.view(n, g), weight, g, False)
         else:
             dx, w_rows, sd = ops.group_norm_example_backward(grad_out.reshape(n, c, hw), x.view(n, c, hw), mean.view(n, g),
                                                              rstd.view(n, g), weight, g, ctx.needs_input_grad[0])
@@ -122,15 +116,6 @@ class _GroupNormWithExampleGrads(_NormWithExampleGrads):
         ctx.call.arrive(grad_out.detach(), (w_rows.detach(), sd.detach()))
         return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
                 db if ctx.needs_input_grad[2] else None, None, None, None)
-
-
-def _layer_norm_fuses(mod: nn.LayerNorm, x: Tensor) -> bool:
-    """Whether a LayerNorm call runs through :class:`_LayerNormWithExampleGrads` (as
-    :func:`_group_norm_fuses`; the batch must not be among the normalised dims)."""
-    return (isinstance(mod, nn.LayerNorm) and mod.weight is not None and mod.weight.requires_grad
-            and x.dim() > len(mod.normalized_shape) and x.numel() > 0 and x.is_contiguous()
-            and mod.weight.dtype == x.dtype
-            and _native_rows(x, x) and not torch.is_autocast_enabled("cpu"))
 
 
 class _LayerNormWithExampleGrads(_NormWithExampleGrads):
@@ -152,9 +137,9 @@ class _LayerNormWithExampleGrads(_NormWithExampleGrads):
             dx, dw = _differentiable_grads(lambda t, w: F.layer_norm(t, ctx.spec, w, None, ctx.eps), x, weight,
                                            grad_out, ctx.needs_input_grad[0], tuple(range(x.dim() - weight.dim())))
             db = grad_out.reshape(-1, k).sum(0).view_as(weight)
-            with torch.no_grad():
-                xhat = F.layer_norm(x, ctx.spec, None, None, ctx.eps)
-                w_rows, b_rows = (xhat * grad_out).reshape(b, -1, k).sum(1), grad_out.reshape(b, -1, k).sum(1)
+            with torch.no_grad():  # the examples' rows from the op's twin
+                _, w_rows, b_rows = reference.layer_norm_example_backward(
+                    grad_out.reshape(b, -1, k), x.view(b, -1, k), mean.view(b, -1), rstd.view(b, -1), weight.view(k))
         else:
             dx, w_rows, b_rows = ops.layer_norm_example_backward(
                 grad_out.reshape(b, -1, k), x.view(b, -1, k), mean.view(b, -1), rstd.view(b, -1), weight.view(k))
@@ -173,7 +158,7 @@ def _group_norm_grads(mod: nn.GroupNorm, x: Tensor, d: Tensor, stats, weight: bo
     recomputing xhat)."""
     b, c = x.shape[:2]
     dr = d.reshape(b, c, -1)
-    if weight and stats is not None and _native_rows(x, d):
+    if weight and stats is not None and _cpu_kernel(x, d):
         # Both sums in one read of x and d (the CPU kernel; torch needs a product and 3 passes).
         sxd, sd = (t.reshape(b, c) for t in ops.row_dot_sums(x.reshape(b * c, -1), d.reshape(b * c, -1)))
     else:

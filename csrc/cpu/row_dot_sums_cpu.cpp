@@ -1,9 +1,8 @@
 // fastscale::row_dot_sums on the CPU: for x, d of shape [R, N], (sum_k x[r,k] d[r,k], sum_k d[r,k])
 // per row in one read of each. GroupNorm's per-example weight and bias gradients are these per
-// (example, channel) (fastscale/per_example/norm.py, where the layer runs its own hooked rule);
-// torch needs a product temporary and two more passes for them. The math is
-// fastscale/reference.py's row_dot_sums.
-#include <algorithm>
+// (example, channel), for the hooked rule of a GroupNorm that is not fused
+// (fastscale/per_example/norm.py); torch needs a product temporary and two more passes for them.
+// The math is fastscale/reference.py's row_dot_sums.
 #include <tuple>
 
 #include <ATen/Dispatch.h>
